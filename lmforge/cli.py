@@ -1,0 +1,224 @@
+"""The `lmforge` command: one thin command per verb; heavy imports happen inside commands.
+
+User errors (lmforge.errors.UserError) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from lmforge.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, fine-tune, compress, evaluate and serve Transformer language models.",
+)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+Model = Annotated[
+    str, typer.Argument(help="Model name in the store, or a path to an HF folder / .gguf file.")
+]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+Threads = Annotated[int, typer.Option(help="CPU threads (0 = all cores).")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")]
+TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
+MinP = Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability (0 = off).")]
+RepPen = Annotated[float, typer.Option(help="HF repetition penalty over prompt and output (1 = off).")]
+FreqPen = Annotated[float, typer.Option(help="OpenAI frequency penalty (-2..2).")]
+PresPen = Annotated[float, typer.Option(help="OpenAI presence penalty (-2..2).")]
+Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")]
+Seed = Annotated[int | None, typer.Option(help="Seed: same seed, same text.")]
+
+
+@app.command()
+def pull(
+    source: Annotated[
+        str, typer.Argument(help="A registered name, a local HF folder or .gguf, or hf:ORG/NAME.")
+    ],
+    name: Annotated[str | None, typer.Option(help="Name to store it under.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace a model of the same name.")] = False,
+) -> None:
+    """Fetch a model into the local store."""
+    from lmforge import store
+
+    entry = store.pull(source, name=name, force=force)
+    typer.echo(f"{entry.name}: {entry.format}, {entry.size_bytes / 1e6:.1f} MB at {entry.path}")
+
+
+@app.command()
+def models() -> None:
+    """List the models in the store."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmforge import store
+
+    entries = store.list_models()
+    if not entries:
+        typer.echo(f"no models in {store.models_dir()}; try `lmforge pull {DEFAULT_MODEL}`")
+        return
+    table = Table("name", "format", "size", "source", "pulled")
+    for e in entries:
+        table.add_row(e.name, e.format, f"{e.size_bytes / 1e6:.1f} MB", e.source, e.pulled_at[:19])
+    Console().print(table)
+
+
+def _load(model: str, device: str, dtype: str, threads: int):
+    from lmforge import checkpoint, runtime, store
+
+    runtime.set_threads(threads or None)
+    dev = runtime.resolve_device(device)
+    return checkpoint.load(store.resolve(model), device=dev, dtype=runtime.resolve_dtype(dtype, dev))
+
+
+def _params(**kw):
+    from lmforge.engine.types import SamplingParams
+
+    kw["stop"] = tuple(kw.get("stop") or ())
+    return SamplingParams(**kw)
+
+
+def _stream(ck, prompt_ids: list[int], params) -> str:
+    """Generate, printing text as it comes; returns the full text."""
+    from lmforge.data.textstream import TextStream
+    from lmforge.engine.generate import generate
+
+    stream = TextStream(ck.tokenizer, params.stop, prompt_ids=prompt_ids)
+    for tok in generate(ck.model, prompt_ids, params, eos_ids=ck.eos_ids):
+        sys.stdout.write(stream.add(tok.id))
+        sys.stdout.flush()
+        if stream.stopped:
+            break
+    sys.stdout.write(stream.flush())
+    sys.stdout.flush()
+    return stream.text
+
+
+@app.command()
+def generate(
+    model: Model,
+    prompt: Annotated[str, typer.Argument(help="Text to continue (raw: no chat template).")],
+    max_tokens: MaxTokens = 128,
+    temperature: Temperature = 0.8,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepPen = 1.0,
+    frequency_penalty: FreqPen = 0.0,
+    presence_penalty: PresPen = 0.0,
+    stop: Stop = None,
+    seed: Seed = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = 0,
+) -> None:
+    """Continue a prompt, streaming the text to the terminal."""
+    params = _params(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        stop=stop,
+        seed=seed,
+    )
+    ck = _load(model, device, dtype, threads)
+    prompt_ids = ck.tokenizer.encode(prompt, add_bos=ck.tokenizer.add_bos_token)
+    from lmforge.engine.generate import check_prompt
+
+    check_prompt(prompt_ids, ck.config.max_seq_len)
+    sys.stdout.write(prompt)
+    _stream(ck, prompt_ids, params)
+    sys.stdout.write("\n")
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Model name or path.")] = DEFAULT_MODEL,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.7,
+    top_k: TopK = 0,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepPen = 1.0,
+    frequency_penalty: FreqPen = 0.0,
+    presence_penalty: PresPen = 0.0,
+    stop: Stop = None,
+    seed: Seed = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = 0,
+) -> None:
+    """Talk with a model in the terminal (its chat template; /reset clears the history, /exit quits)."""
+    params = _params(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        stop=stop,
+        seed=seed,
+    )
+    ck = _load(model, device, dtype, threads)
+    if ck.tokenizer.chat_template is None:
+        raise UserError(f"{model} has no chat template; use `lmforge generate` for plain text completion")
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    typer.echo(f"Chatting with {ck.name}. /reset clears the conversation, /exit quits.", err=True)
+    while True:
+        try:
+            line = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("", err=True)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = list(start)
+            typer.echo("(conversation cleared)", err=True)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        text = ck.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt_ids = ck.tokenizer.encode(text)
+        if len(prompt_ids) >= ck.config.max_seq_len:
+            messages.pop()
+            typer.echo(
+                f"error: the conversation is {len(prompt_ids)} tokens, past the model's context of "
+                f"{ck.config.max_seq_len}; /reset to start over",
+                err=True,
+            )
+            continue
+        try:
+            reply = _stream(ck, prompt_ids, params)
+        except KeyboardInterrupt:
+            reply = "(interrupted)"
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"lmforge: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,53 @@
+"""Device, dtype and thread decisions, made once at an entry point and passed down.
+
+Dtype policy: weights and activations run in the resolved dtype ("auto" = bfloat16 on CUDA with bf16
+support, float32 otherwise — CPU bf16 matmuls are slower than fp32 on most x86 parts); norms, RoPE
+angles, softmax inside SDPA and the returned logits are float32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+from lmforge.errors import UserError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES |= {"float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def set_threads(n: int | None = None) -> None:
+    """Use n intra-op threads (default: $LMFORGE_THREADS or all cores). Processes sharing a machine
+    should split the cores between them: oversubscribed PyTorch CPU threads slow everything 30x."""
+    n = n or int(os.environ.get("LMFORGE_THREADS", "0")) or os.cpu_count() or 1
+    torch.set_num_threads(n)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
