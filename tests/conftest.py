@@ -61,3 +61,21 @@ def smollm2_metadata(smollm2_gguf) -> dict:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """lmforge's Checkpoint of the default model (fp32, CPU)."""
+    from lmforge import checkpoint
+
+    return checkpoint.load(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own model from the same GGUF file (the independent reference; ~25 s to load)."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype="float32"
+    )
+    return model.eval()
