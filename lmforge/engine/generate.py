@@ -32,8 +32,8 @@ def check_prompt(prompt_ids: Sequence[int], max_seq_len: int) -> None:
         raise UserError("the prompt is empty; give at least one token of text")
     if len(prompt_ids) >= max_seq_len:
         raise UserError(
-            f"the prompt is {len(prompt_ids)} tokens but the model's context is {max_seq_len} tokens "
-            f"(over by {len(prompt_ids) - max_seq_len + 1}, counting one token to generate); shorten the prompt"
+            f"the prompt is {len(prompt_ids)} tokens but the model's context is {max_seq_len} tokens; shorten it "
+            f"by at least {len(prompt_ids) - max_seq_len + 1} tokens to leave room for one generated token"
         )
 
 

@@ -20,7 +20,13 @@ def prompt_ids(smollm2):
 
 def test_config_from_gguf(smollm2):
     cfg = smollm2.config
-    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd, cfg.intermediate_size) == (30, 9, 3, 576, 1536)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd, cfg.intermediate_size) == (
+        30,
+        9,
+        3,
+        576,
+        1536,
+    )
     assert cfg.tie_embeddings and cfg.rope_theta == 100000.0 and cfg.vocab_size == 49152
 
 
@@ -71,7 +77,9 @@ def test_saved_folder_loads_in_transformers(smollm2, tmp_path, prompt_ids):
 
 
 def test_sharded_save_round_trip(smollm2, tmp_path, prompt_ids):
-    folder = checkpoint.save(tmp_path / "sharded", smollm2.model, smollm2.tokenizer, max_shard_bytes=100_000_000)
+    folder = checkpoint.save(
+        tmp_path / "sharded", smollm2.model, smollm2.tokenizer, max_shard_bytes=100_000_000
+    )
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     assert len(shards) > 1 and (folder / "model.safetensors.index.json").exists()
     again = checkpoint.load(folder)
