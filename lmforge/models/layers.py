@@ -23,6 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; same values as the spelled-out form below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 whatever the model dtype, as Llama does.
         dtype = x.dtype
         x = x.float()
@@ -154,18 +156,26 @@ class Attention(nn.Module):
         else:
             k, v = k_cache[:, seq.slots[lo:]], v_cache[:, seq.slots[lo:]]
         mask = None
-        if t > 1:
+        if t > 1 and (t < ctx or self.sliding_window is not None):
             qpos = torch.arange(ctx - t, ctx, device=q.device)[:, None]
             kpos = torch.arange(ctx, device=q.device)[None, :]
             mask = kpos <= qpos
             if self.sliding_window is not None:
                 mask &= qpos - kpos < self.sliding_window
         if t == 1:
+            # Query heads grouped by their kv head: (nkv, g, hs) against (nkv, L, hs). Spelled out because
+            # SDPA's CPU math path spends more on its checks than on the arithmetic of one query.
             g = self.n_head // self.n_kv_head
-            qg = q.view(self.n_kv_head, g, self.head_dim)  # query heads grouped by their kv head
-            return F.scaled_dot_product_attention(qg, k, v).reshape(1, self.n_head, self.head_dim)
+            qg = q.view(self.n_kv_head, g, self.head_dim)
+            att = torch.softmax((qg @ k.transpose(1, 2)) * self.head_dim**-0.5, dim=-1)  # (nkv, g, L)
+            return (att @ v).reshape(1, self.n_head, self.head_dim)
         y = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head
+            q.transpose(0, 1),
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,  # no cached prefix and no window: the plain causal kernel
+            enable_gqa=self.n_kv_head != self.n_head,
         )  # (nh, t, hs)
         return y.transpose(0, 1)
 
