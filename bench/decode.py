@@ -1,6 +1,6 @@
 """Batch-1 prefill and decode speed of the default model: lmforge vs transformers, same weights, one run.
 
-    python bench/decode.py [--runs 3] [--prompt-tokens 256] [--new-tokens 128] [--no-record]
+    python bench/decode.py [--runs 5] [--prompt-tokens 256] [--new-tokens 128] [--no-record]
 
 Both load SmolLM2-135M-Instruct from the same GGUF (transformers dequantises it to fp32 too). Prefill is
 the time to the first token of a 256-token prompt; decode is the next 127 tokens. Medians of --runs.
@@ -53,7 +53,7 @@ def time_transformers(model, prompt_ids, new_tokens):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-record", action="store_true")

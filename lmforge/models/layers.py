@@ -169,14 +169,16 @@ class Attention(nn.Module):
             qg = q.view(self.n_kv_head, g, self.head_dim)
             att = torch.softmax((qg @ k.transpose(1, 2)) * self.head_dim**-0.5, dim=-1)  # (nkv, g, L)
             return (att @ v).reshape(1, self.n_head, self.head_dim)
+        g = self.n_head // self.n_kv_head
+        if g > 1:  # expanded: SDPA's CPU flash kernel does not take enable_gqa (its math path is 2x slower)
+            k, v = k.repeat_interleave(g, dim=0), v.repeat_interleave(g, dim=0)
         y = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k,
-            v,
+            q.transpose(0, 1)[None],
+            k[None],
+            v[None],
             attn_mask=mask,
             is_causal=mask is None,  # no cached prefix and no window: the plain causal kernel
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (nh, t, hs)
+        )[0]  # (nh, t, hs)
         return y.transpose(0, 1)
 
 
