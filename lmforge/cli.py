@@ -80,10 +80,26 @@ def _load(model: str, device: str, dtype: str, threads: int):
     return checkpoint.load(store.resolve(model), device=dev, dtype=runtime.resolve_dtype(dtype, dev))
 
 
-def _params(**kw):
+_SAMPLING_OPTIONS = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+    "seed",
+)
+
+
+def _params(options: dict):
+    """SamplingParams from a command's sampling options (the same names in every command)."""
     from lmforge.engine.types import SamplingParams
 
-    kw["stop"] = tuple(kw.get("stop") or ())
+    kw = {k: options[k] for k in _SAMPLING_OPTIONS}
+    kw["stop"] = tuple(kw["stop"] or ())
     return SamplingParams(**kw)
 
 
@@ -122,18 +138,7 @@ def generate(
     threads: Threads = 0,
 ) -> None:
     """Continue a prompt, streaming the text to the terminal."""
-    params = _params(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
-        stop=stop,
-        seed=seed,
-    )
+    params = _params(locals())
     ck = _load(model, device, dtype, threads)
     prompt_ids = ck.tokenizer.encode(prompt, add_bos=ck.tokenizer.add_bos_token)
     from lmforge.engine.generate import check_prompt
@@ -163,18 +168,7 @@ def chat(
     threads: Threads = 0,
 ) -> None:
     """Talk with a model in the terminal (its chat template; /reset clears the history, /exit quits)."""
-    params = _params(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
-        stop=stop,
-        seed=seed,
-    )
+    params = _params(locals())
     ck = _load(model, device, dtype, threads)
     if ck.tokenizer.chat_template is None:
         raise UserError(f"{model} has no chat template; use `lmforge generate` for plain text completion")
