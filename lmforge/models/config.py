@@ -130,6 +130,15 @@ def gpt2_config(**kw: Any) -> ModelConfig:
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from an HF `config.json` dict (Llama, Mistral, Qwen2, GPT-2)."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as e:
+        raise UserError(
+            f"config.json lacks {e.args[0]!r}, which a {hf.get('model_type')} model needs"
+        ) from None
+
+
+def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         return gpt2_config(

@@ -144,3 +144,12 @@ def test_paged_cache_matches_full_forward(pair):
                 done[i] += k
     for out, ref in zip(outs, refs, strict=True):
         assert_close(torch.cat(out), ref)
+
+
+def test_incomplete_config_is_a_user_error():
+    from lmforge.errors import UserError
+
+    with pytest.raises(UserError, match="lacks 'vocab_size'"):
+        config_from_hf({"model_type": "llama", "hidden_size": 64})
+    with pytest.raises(UserError, match="unsupported model_type 'bert'"):
+        config_from_hf({"model_type": "bert"})
