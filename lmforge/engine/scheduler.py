@@ -179,7 +179,9 @@ class Scheduler:
         if new_token_id is not None:
             seq.output_ids.append(new_token_id)
             seq.all_token_ids.append(new_token_id)
-        self.block_manager.commit_full_blocks(request_id, seq.all_token_ids)
+        # Only tokens whose KV is written: a chunked prompt's later tokens may already have slots but no KV yet,
+        # and a block hashed early would hand uncomputed keys to the next request with the same prefix.
+        self.block_manager.commit_full_blocks(request_id, seq.all_token_ids[: seq.num_computed_tokens])
 
     def finish(self, request_id: str) -> None:
         """Done (stop token, max_tokens): free its blocks now."""

@@ -98,3 +98,60 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the raw model distribution, with the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first; empty unless asked for
+
+
+@dataclass
+class RequestOutput:
+    """What the engine reports for one request after a step: the tokens new since the last report.
+
+    Token counts are the billing truth: the server never re-tokenises to count usage.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    num_prompt_tokens: int
+    num_output_tokens: int  # generated so far, including new_token_ids
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (eos / stop token), "length", "abort"
+    new_logprobs: list[TokenLogprob] | None = None  # one per new token when the request asked for logprobs
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    max_seq_len: int
+    vocab_size: int
+    created: int  # unix time the model was loaded (OpenAI's `created`)
+    owned_by: str = "lmforge"
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /health, /ready and /metrics."""
+
+    ready: bool
+    draining: bool
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV-cache blocks in use
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full: the server answers 429 with Retry-After."""
+
+
+class EngineDraining(Exception):
+    """The engine is shutting down or not yet loaded: the server answers 503."""

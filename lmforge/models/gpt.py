@@ -15,7 +15,7 @@ from torch import nn
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import CacheBatch, KVCache
-from lmforge.models.layers import Block, make_norm, rope_cos_sin, rope_inv_freq
+from lmforge.models.layers import Block, Linear, make_norm, rope_cos_sin, rope_inv_freq
 
 
 class GPT(nn.Module):
@@ -28,7 +28,7 @@ class GPT(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # fp32 whatever the weights' dtype: positions up to 1e5+ need the mantissa.

@@ -109,7 +109,8 @@ class CacheBatch:
             blocks = torch.tensor(table, dtype=torch.long)
             pos = torch.arange(ctx, dtype=torch.long)
             slots = blocks[pos // block_size] * block_size + pos % block_size
-            contiguous = ctx == 0 or bool(slots[-1] - slots[0] == ctx - 1)
+            n_blocks = -(-ctx // block_size)
+            contiguous = table[:n_blocks] == list(range(table[0], table[0] + n_blocks)) if ctx else True
             seq = SeqSlice(start, start + new, ctx, slots.to(device), contiguous)
             slot_parts.append(slots[cached:])
             (decodes if new == 1 else prefills).append(seq)

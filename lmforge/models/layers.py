@@ -16,6 +16,21 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import CacheBatch, SeqSlice
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-row products (batched decode: 2..64 rows) run as W @ x^T.
+
+    For a handful of rows MKL's sgemm is faster with the weight as the left operand: measured on the
+    2-core dev machine, SmolLM2's 49152x576 head at 16 rows takes 14 ms instead of 21 ms, and a
+    16-sequence decode step 99 ms instead of 108 ms. One row and many rows keep F.linear.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and 1 < x.shape[0] <= 64:
+            y = (self.weight @ x.t()).t().contiguous()
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -79,10 +94,10 @@ class Attention(nn.Module):
         self.use_rope = cfg.pos_embedding == "rope"
         self.sliding_window = cfg.sliding_window
         self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_out_bias)
+        self.q_proj = Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attn_out_bias)
 
     def forward(
         self,
@@ -199,9 +214,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.mlp == "swiglu"
         if self.gated:
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
         self.act = _activation(cfg.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -153,3 +153,11 @@ def test_incomplete_config_is_a_user_error():
         config_from_hf({"model_type": "llama", "hidden_size": 64})
     with pytest.raises(UserError, match="unsupported model_type 'bert'"):
         config_from_hf({"model_type": "bert"})
+
+
+def test_cache_batch_views_only_truly_consecutive_blocks():
+    # first and last slot 15 apart over 16 tokens, yet blocks 1 and 2 are swapped: must gather, not view
+    swapped = CacheBatch.build([[0, 2, 1, 3]], [15], [1], block_size=4).decode_single
+    assert not swapped.contiguous
+    assert swapped.slots.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
+    assert CacheBatch.build([[4, 5, 6]], [9], [1], block_size=4).decode_single.contiguous

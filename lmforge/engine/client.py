@@ -1,0 +1,177 @@
+"""AsyncEngine: the EngineClient the server talks to. The step loop runs on its own thread; the asyncio side
+only enqueues commands and drains per-request queues, so a slow client never stalls the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from lmforge.engine.engine import LLMEngine
+from lmforge.engine.types import (
+    EngineDraining,
+    EngineOverloaded,
+    EngineStats,
+    ModelInfo,
+    RequestOutput,
+    SamplingParams,
+)
+
+log = logging.getLogger("lmforge.engine")
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    salt: str
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, name: str, *, max_waiting: int = 256):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        cfg = engine.model_config
+        self._info = ModelInfo(name, cfg.max_seq_len, cfg.vocab_size, int(time.time()))
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()  # guards _streams between the loop thread and the event loop
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._draining = False
+        self._stats = engine.stats(ready=False)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting, let running requests finish for up to `drain_timeout` seconds, abort the rest, stop."""
+        self._draining = True
+        deadline = time.monotonic() + drain_timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            await self.abort(rid)
+        self._running = False
+        self._commands.put(None)
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+            self._thread = None
+
+    # -- EngineClient ----------------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str, *, salt: str = ""
+    ) -> AsyncIterator[RequestOutput]:
+        if self._draining or not self._running:
+            raise EngineDraining(
+                "the server is shutting down" if self._draining else "the engine is not running"
+            )
+        # in flight = running + waiting; beyond max_num_seqs a request waits, and only max_waiting may
+        capacity = self.engine.config.max_num_seqs + self.max_waiting
+        if len(self._streams) >= capacity:
+            raise EngineOverloaded(
+                f"{len(self._streams)} requests are in flight (limit {capacity}); retry shortly"
+            )
+        self.engine.check_request(prompt_ids, params)  # UserError now, before the request is queued
+        out_queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
+        self._send(_Add(request_id, list(prompt_ids), params, salt))
+        finished = False
+        try:
+            while True:
+                item = await out_queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:  # the consumer left early (client disconnected, stop string): free the sequence
+                self._send(_Abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._send(_Abort(request_id))
+
+    def health(self) -> EngineStats:
+        return dataclasses.replace(
+            self._stats, ready=self._running and not self._draining, draining=self._draining
+        )
+
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    # -- the engine thread -----------------------------------------------------------------------------------
+
+    def _send(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        engine = self.engine
+        self._stats = engine.stats()
+        while self._running:
+            self._apply_commands()
+            if not engine.has_unfinished:
+                self._stats = engine.stats()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a bug, not bad input: fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                for rid in list(engine.requests):
+                    engine.abort(rid)
+                    self._deliver(rid, e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            self._stats = engine.stats()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                if cmd.request_id not in self._streams:  # aborted before it reached the engine
+                    continue
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.salt)
+                except Exception as e:
+                    self._deliver(cmd.request_id, e)
+            elif isinstance(cmd, _Abort):
+                self.engine.abort(cmd.request_id)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, out_queue = target
+            loop.call_soon_threadsafe(out_queue.put_nowait, item)

@@ -1,0 +1,28 @@
+"""The seam between the server and the engine: all the server sees (vLLM's `EngineClient`, smaller)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol, runtime_checkable
+
+from lmforge.engine.types import EngineStats, ModelInfo, RequestOutput, SamplingParams
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str, *, salt: str = ""
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last has finished=True. Raises UserError for a prompt that can never
+        run (too long for the context or the cache), EngineOverloaded when the queue is full, EngineDraining
+        while shutting down. `salt` keeps prefix-cache sharing within one tenant. Closing the iterator early
+        (client gone) aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its cache is freed within one engine step. Unknown ids are ignored."""
+        ...
+
+    def health(self) -> EngineStats: ...
+
+    def model_info(self) -> ModelInfo: ...

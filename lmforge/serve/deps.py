@@ -1,0 +1,33 @@
+"""What every route needs: the app's state, reached through the request (no module-level singletons)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.engine import EngineClient, EngineDraining, EngineOverloaded
+from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.settings import Settings
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: EngineClient
+    tokenizer: Tokenizer
+    metrics: ServerMetrics
+    draining: bool = False  # set on shutdown: new generation requests get 503, /ready says 503
+
+    def admit(self, num_requests: int) -> None:
+        """Refuse work the engine should not queue: 503 while not ready or draining, 429 when the queue is full."""
+        stats = self.engine.health()
+        if self.draining or stats.draining or not stats.ready:
+            raise EngineDraining()
+        if stats.num_waiting + num_requests > self.settings.max_queue:
+            raise EngineOverloaded()
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.lmforge

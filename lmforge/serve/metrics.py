@@ -1,0 +1,82 @@
+"""Prometheus metrics, one registry per app (several apps may share a test process).
+
+Request counts and latencies are recorded as requests pass; the engine's gauges (queue, running sequences,
+KV-cache use, prefix cache, preemptions) are read from `engine.health()` when /metrics is scraped. Names follow
+vLLM's where one exists, with the `lmforge_` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lmforge.engine import EngineClient
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: EngineClient) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.health()
+        yield GaugeMetricFamily(
+            "lmforge_num_requests_waiting", "Requests waiting in the engine queue.", stats.num_waiting
+        )
+        yield GaugeMetricFamily(
+            "lmforge_num_requests_running", "Sequences the engine is running.", stats.num_running
+        )
+        yield GaugeMetricFamily(
+            "lmforge_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.", stats.kv_cache_usage
+        )
+        yield CounterMetricFamily(
+            "lmforge_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            stats.prefix_cache_queries,
+        )
+        yield CounterMetricFamily(
+            "lmforge_prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits
+        )
+        yield CounterMetricFamily(
+            "lmforge_num_preemptions", "Sequences preempted for cache space.", stats.num_preemptions
+        )
+
+
+class ServerMetrics:
+    def __init__(self, engine: EngineClient) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lmforge_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.completion_tokens = Counter(
+            "lmforge_generation_tokens", "Completion tokens generated.", registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "lmforge_time_to_first_token_seconds",
+            "From request arrival to its first generated token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "lmforge_inter_token_latency_seconds",
+            "Between consecutive generated tokens of a request.",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "lmforge_e2e_request_latency_seconds",
+            "From request arrival to its last token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(_EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

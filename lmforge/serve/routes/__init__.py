@@ -1,0 +1,1 @@
+"""HTTP routes: `openai` (the OpenAI-compatible API) and `ops` (health, readiness, metrics)."""

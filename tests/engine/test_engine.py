@@ -1,0 +1,168 @@
+"""The batched engine against its slow twin (single-sequence generation): same tokens, whatever the batch,
+chunking, preemption or prefix caching."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from lmforge.engine import AsyncEngine, EngineConfig, EngineDraining, EngineOverloaded, LLMEngine
+from lmforge.engine.generate import generate
+from lmforge.engine.types import SamplingParams
+from lmforge.errors import UserError
+from lmforge.models.config import ModelConfig
+from lmforge.models.gpt import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, max_seq_len=256
+    )
+    model = build_model(cfg)
+    with torch.no_grad():  # larger weights: peaked, far-from-tied logits so greedy is robust to rounding
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return model
+
+
+def alone(model, prompt, params):
+    return [t.id for t in generate(model, prompt, params)]
+
+
+def random_prompts(n, seed, lo=3, hi=60, vocab=97):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        EngineConfig(kv_cache_mb=4),
+        EngineConfig(kv_cache_mb=4, max_num_batched_tokens=16),  # chunked prefill alongside decodes
+        EngineConfig(kv_cache_mb=4, max_num_seqs=3),  # queueing
+        EngineConfig(kv_cache_mb=0.05, block_size=4),  # 400 slots for ~1,100 tokens: preemption
+    ],
+    ids=["plain", "chunked", "few-seqs", "preempting"],
+)
+def test_batched_greedy_equals_alone(tiny, config):
+    prompts = random_prompts(12, seed=1)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    engine = LLMEngine(tiny, config)
+    outs = engine.generate(prompts, params)
+    assert outs == [alone(tiny, p, params) for p in prompts]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    if config.kv_cache_mb < 0.1:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_seeded_sampling_in_batch_equals_alone(tiny):
+    prompts = random_prompts(6, seed=2)
+    params = [
+        SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=100 + i, ignore_eos=True)
+        for i in range(6)
+    ]
+    engine = LLMEngine(tiny, EngineConfig(kv_cache_mb=4))
+    assert engine.generate(prompts, params) == [
+        alone(tiny, p, sp) for p, sp in zip(prompts, params, strict=True)
+    ]
+
+
+def test_prefix_cache_hits_within_a_salt_only(tiny):
+    engine = LLMEngine(tiny, EngineConfig(kv_cache_mb=4, block_size=4))
+    prompt = random_prompts(1, seed=3, lo=40, hi=40)[0]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    def run(rid, salt):
+        engine.add_request(rid, prompt, params, salt=salt)
+        outs = []
+        while engine.has_unfinished:
+            outs += engine.step()
+        return [t for o in outs for t in o.new_token_ids], outs[-1]
+
+    first, out1 = run("a", "tenant-1")
+    again, out2 = run("b", "tenant-1")
+    other, out3 = run("c", "tenant-2")
+    assert first == again == other == alone(tiny, prompt, params)
+    assert out1.num_cached_tokens == 0 and out3.num_cached_tokens == 0
+    assert out2.num_cached_tokens == 36  # nine full 4-token blocks; the last block is recomputed
+
+
+def test_stop_tokens_and_lengths(tiny):
+    prompt = random_prompts(1, seed=4)[0]
+    free_run = alone(tiny, prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    engine = LLMEngine(tiny, EngineConfig(kv_cache_mb=4), eos_ids=frozenset({free_run[3]}))
+    engine.add_request("r", prompt, SamplingParams(max_tokens=10, temperature=0))
+    outs = []
+    while engine.has_unfinished:
+        outs += engine.step()
+    cut = free_run.index(free_run[3]) + 1
+    assert [t for o in outs for t in o.new_token_ids] == free_run[:cut]
+    assert outs[-1].finished and outs[-1].finish_reason == "stop" and outs[-1].num_output_tokens == cut
+    engine.add_request("s", prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished:
+        outs += engine.step()
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 5
+
+
+def test_requests_that_can_never_run_are_user_errors(tiny):
+    engine = LLMEngine(tiny, EngineConfig(kv_cache_mb=0.01, block_size=4))
+    with pytest.raises(UserError, match="context is 256 tokens"):
+        engine.add_request("a", [1] * 300, SamplingParams())
+    with pytest.raises(UserError, match="KV cache holds"):
+        engine.add_request("b", [1] * 200, SamplingParams())
+    assert not engine.has_unfinished
+
+
+async def until(condition, timeout=2.0):
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+def test_async_engine_streams_aborts_and_refuses(tiny):
+    async def main():
+        engine = AsyncEngine(
+            LLMEngine(tiny, EngineConfig(kv_cache_mb=4, max_num_seqs=1)), "tiny", max_waiting=0
+        )
+        engine.start()
+        prompt = random_prompts(1, seed=5)[0]
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        tokens = [
+            t for out in [o async for o in engine.generate(prompt, params, "r1")] for t in out.new_token_ids
+        ]
+        assert tokens == alone(tiny, prompt, params)
+
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        stream = engine.generate(prompt, long, "r2")
+        await stream.__anext__()
+        await until(lambda: engine.health().num_running == 1)
+        with pytest.raises(EngineOverloaded):  # one sequence at a time and no waiting room
+            await engine.generate(prompt, long, "r3").__anext__()
+        await stream.aclose()  # the client leaves: the sequence is freed within a step
+        await until(lambda: engine.health().num_running == 0)
+        assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
+        await engine.shutdown(drain_timeout=1)
+        with pytest.raises(EngineDraining):
+            await engine.generate(prompt, params, "r4").__anext__()
+
+    asyncio.run(main())
+
+
+def test_default_model_batched_equals_alone(smollm2):
+    tok = smollm2.tokenizer
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits.",
+                 "Who wrote Hamlet?", "What is 12 times 7?", "Describe a cat.", "What is Python?", "Tell me a joke."]  # fmt: skip
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
+               for q in questions]  # fmt: skip
+    params = SamplingParams(max_tokens=32, temperature=0)
+    engine = LLMEngine(smollm2.model, EngineConfig(kv_cache_mb=256), eos_ids=smollm2.eos_ids)
+    batched = engine.generate(prompts, params)
+    singles = [[t.id for t in generate(smollm2.model, p, params, eos_ids=smollm2.eos_ids)] for p in prompts]
+    assert batched == singles
