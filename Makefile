@@ -23,7 +23,7 @@ dev: $(VENV)/.dev
 
 serve: install
 	$(VENV)/bin/lmforge pull $(MODEL)
-	$(VENV)/bin/lmforge chat $(MODEL)
+	$(VENV)/bin/lmforge serve $(MODEL)
 
 lint: dev
 	$(VENV)/bin/ruff format --check lmforge tests bench

@@ -208,6 +208,59 @@ def chat(
         messages.append({"role": "assistant", "content": reply})
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Model name or path.")] = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    served_name: Annotated[str | None, typer.Option(help="Model name clients send (default: MODEL).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 64,
+    max_batched_tokens: Annotated[
+        int, typer.Option(help="Token budget per step (chunks long prompts).")
+    ] = 512,
+    kv_cache_mb: Annotated[float, typer.Option(help="Memory for the KV cache, in MiB.")] = 1024.0,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait before new ones get 429.")] = 256,
+    prefix_caching: Annotated[bool, typer.Option(help="Reuse the KV of shared prompt prefixes.")] = True,
+    drain_timeout: Annotated[
+        float, typer.Option(help="Seconds running requests get to finish on SIGTERM.")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = 0,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching."""
+    import asyncio
+    from pathlib import Path
+
+    from lmforge.engine import AsyncEngine, EngineConfig, LLMEngine
+    from lmforge.serve.app import create_app, run
+    from lmforge.serve.settings import Settings
+
+    settings = Settings(
+        model_name=served_name or (Path(model).stem if Path(model).exists() else model),
+        host=host,
+        port=port,
+        max_queue=max_queue,
+        drain_timeout_s=drain_timeout,
+    )
+    ck = _load(model, device, dtype, threads)
+    config = EngineConfig(
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=max_batched_tokens,
+        kv_cache_mb=kv_cache_mb,
+        enable_prefix_caching=prefix_caching,
+    )
+    engine = AsyncEngine(
+        LLMEngine(ck.model, config, eos_ids=ck.eos_ids), settings.model_name, max_waiting=max_queue
+    )
+    engine.start()
+    try:
+        run(create_app(settings, engine, ck.tokenizer), settings, log_level=log_level)
+    finally:
+        asyncio.run(engine.shutdown(drain_timeout=0))
+
+
 def main() -> None:
     try:
         app()
