@@ -25,7 +25,9 @@ class ServerState:
         stats = self.engine.health()
         if self.draining or stats.draining or not stats.ready:
             raise EngineDraining()
-        if stats.num_waiting + num_requests > self.settings.max_queue:
+        # Requests wait only when every running slot is taken; with none waiting the engine may have room,
+        # and it enforces its own limit (EngineOverloaded) knowing its capacity.
+        if stats.num_waiting > 0 and stats.num_waiting + num_requests > self.settings.max_queue:
             raise EngineOverloaded()
 
 
