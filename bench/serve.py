@@ -1,0 +1,384 @@
+"""Serving throughput and latency of `lmforge serve` under concurrent streaming chat load.
+
+    python bench/serve.py [--model smollm2-135m-instruct] [--levels 1,4,16,64] [--requests 32]
+                          [--max-tokens 64] [--peer-url http://127.0.0.1:8080] [--record]
+
+Starts the server as a subprocess (all cores), waits for /ready, and sends --requests streamed chat requests
+(temperature 0, `ignore_eos`, `max_tokens` 64) at each concurrency level, after one warm-up request. Then
+a shared-system-prompt run (16 concurrent, 32 requests, one ~400-token system prompt) with prefix caching on
+and off (a server restart). Output tokens come from the stream's `usage`; TTFT is request send to the first
+content delta, ITL the gaps between content deltas. --peer-url runs the same load against an already-running
+OpenAI-compatible server instead (no server is started). --record appends the tables to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QUESTIONS = [
+    "Why is the sky blue?", "How do vaccines train the immune system?", "What causes ocean tides?",
+    "Explain how a refrigerator keeps food cold.", "What is the difference between weather and climate?",
+    "How does a bicycle stay upright?", "Why do leaves change colour in autumn?", "How are rainbows formed?",
+    "What is photosynthesis?", "How does compound interest work?", "Why do cats purr?",
+    "What makes bread rise?", "How do airplanes stay in the air?", "What is a black hole?",
+    "How does the heart pump blood?", "Why is the ocean salty?", "What is inflation in economics?",
+    "How do solar panels make electricity?", "Why do we dream?", "How does a compass work?",
+    "What is the water cycle?", "How do bees make honey?", "Why do onions make you cry?",
+    "What is DNA and what does it do?", "How does a microwave oven heat food?", "Why do stars twinkle?",
+    "What causes earthquakes?", "How do noise-cancelling headphones work?", "What is a prime number?",
+    "How does GPS know where you are?", "Why does ice float on water?", "What is the greenhouse effect?",
+    "How do birds migrate such long distances?", "What does a CPU do?", "Why do we have seasons?",
+    "How does soap remove grease?", "What is the theory of evolution?", "How do volcanoes erupt?",
+    "Why is exercise good for the brain?", "How does a battery store energy?", "What is a recession?",
+    "How do plants know which way is up?", "Why does the moon have phases?", "How is glass made?",
+    "What are the main causes of the French Revolution?", "How does the internet route a message?",
+    "Give some tips for learning a new language.", "How does a camera lens focus light?",
+    "What is machine learning, in simple terms?", "Why do some metals rust?", "How do fish breathe?",
+    "What is the Pythagorean theorem used for?", "How does coffee affect the body?",
+    "Why do we need sleep?", "How are mountains formed?", "What makes a good password?",
+    "How does a thermostat work?", "Why do ships float?", "What is an ecosystem?",
+    "How do antibiotics work?", "Describe how to plan a vegetable garden.", "What is gravity?",
+    "How does recycling plastic work?", "Why is the Roman Empire important in history?",
+]  # fmt: skip
+
+SYSTEM_PROMPT = " ".join(
+    [
+        "You are Pip, the customer-service assistant of Harbour & Hearth, an online shop that sells kitchenware,",
+        "bedding and small home appliances in the UK and Ireland. Be polite, brief and accurate, and never invent",
+        "a policy that is not written below. Orders placed before 2 pm on a working day are dispatched the same",
+        "day, later ones the next working day. Standard delivery takes three to five working days and costs",
+        "£3.95, free over £50; express delivery takes one working day and costs £7.95. We do not deliver to the",
+        "Channel Islands or to PO boxes. An order can be changed or cancelled within one hour of placing it, from",
+        "the Orders page of the customer's account. Returns: any unused item in its original packaging may be",
+        "returned within 30 days of delivery for a full refund; unsealed bedding cannot be returned unless it is",
+        "faulty. Return postage is free with the prepaid label in the parcel; refunds reach the original payment",
+        "method within five working days of the return arriving at our warehouse in Leeds. Appliances carry a",
+        "two-year guarantee: for a faulty item, ask for a photo or short video of the fault and the order number,",
+        "then offer a replacement, a repair or a refund, whichever the customer prefers; items under £15 are",
+        "refunded without being sent back. Gift cards are valid for two years and cannot be exchanged for cash.",
+        "Hearth Club members earn one point per pound spent; 100 points are worth £5 off a future order, and",
+        "points expire after eighteen months without a purchase. Never ask for a full card number, a password or",
+        "a security code. Complaints you cannot settle go to care@harbourhearth.example, where a person replies",
+        "within one working day. If a customer is upset, apologise once, sincerely, then focus on what we can do.",
+        "End every reply by asking whether there is anything else you can help with.",
+    ]
+)
+SHOP_QUESTIONS = [
+    "My kettle stopped working after three months, what can I do?", "How long does express delivery take?",
+    "Can I return a duvet I opened but did not use?", "Do you deliver to Jersey?",
+    "Can I pay for my order with a gift card?", "When do my loyalty points expire?",
+    "I want to cancel the order I placed twenty minutes ago.", "How long will my refund take?",
+    "Is delivery free if I spend £45?", "Can I exchange my gift card for cash?",
+    "Do loyalty points work on sale items?", "My blender arrived broken, it cost £12.",
+    "How many points do I need for a discount?", "I ordered at 3 pm on Friday, when will it ship?",
+    "I am very unhappy with your service and want to complain.", "Can I send my parcel to a PO box?",
+]  # fmt: skip
+
+
+@dataclass
+class Stats:
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    prompt_tokens: int = 0
+    done: int = 0
+    errors: int = 0
+    no_usage: int = 0  # streams without a usage chunk: their tokens were counted from content deltas
+    wall: float = 0.0
+    cache: tuple[float, float] | None = None  # prefix cache hits, queries during the run
+
+
+def pct(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile; nan for no data."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, st: Stats) -> None:
+    t0 = time.perf_counter()
+    last: float | None = None
+    ttft, gaps, deltas, usage = None, [], 0, None
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
+                    continue
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(f"stream error: {chunk['error']}")
+                usage = chunk.get("usage") or usage
+                if any(c.get("delta", {}).get("content") for c in chunk.get("choices") or []):
+                    now = time.perf_counter()
+                    if last is None:
+                        ttft = now - t0
+                    else:
+                        gaps.append(now - last)
+                    last, deltas = now, deltas + 1
+    except (httpx.HTTPError, RuntimeError, json.JSONDecodeError) as e:
+        st.errors += 1
+        print(f"  request failed: {e!r}", file=sys.stderr)
+        return
+    st.done += 1
+    if ttft is not None:
+        st.ttft.append(ttft)
+    st.itl.extend(gaps)
+    if usage:
+        st.tokens += usage["completion_tokens"]
+        st.prompt_tokens += usage["prompt_tokens"]
+    else:
+        st.no_usage += 1
+        st.tokens += deltas
+
+
+def chat_body(model: str, question: str, max_tokens: int, system: str | None = None) -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {
+        "model": model,
+        "messages": [*messages, {"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def cache_counters(client: httpx.AsyncClient, url: str) -> tuple[float, float] | None:
+    try:
+        text = (await client.get(f"{url}/metrics")).text
+    except httpx.HTTPError:
+        return None
+    found = [re.search(rf"^lmforge_prefix_cache_{k}_total (\S+)$", text, re.M) for k in ("hits", "queries")]
+    return (float(found[0][1]), float(found[1][1])) if found[0] and found[1] else None
+
+
+async def run_load(url: str, bodies: list[dict], concurrency: int) -> Stats:
+    """Warm up with one request, then send `bodies` with at most `concurrency` in flight."""
+    st = Stats()
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        warm = {**bodies[0], "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+        await one_request(client, url, warm, Stats())
+        before = await cache_counters(client, url)
+        queue = list(reversed(bodies))
+
+        async def worker() -> None:
+            while queue:
+                await one_request(client, url, queue.pop(), st)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        st.wall = time.perf_counter() - t0
+        after = await cache_counters(client, url)
+        if before and after:
+            st.cache = (after[0] - before[0], after[1] - before[1])
+    return st
+
+
+class Server:
+    """`lmforge serve` in a subprocess, its log in a temporary file."""
+
+    def __init__(self, model: str, extra: list[str]) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        threads = str(os.cpu_count() or 1)  # the asyncio client is light: the server gets every core
+        cmd = [sys.executable, "-m", "lmforge", "serve", model, "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--threads", threads, "--log-level", "warning", *extra]
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="lmforge-serve-", suffix=".log", delete=False)
+        env = {**os.environ, "LMFORGE_THREADS": threads}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"server exited with {self.proc.returncode} before it was ready:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.proc.kill()
+        sys.exit(f"server not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            sys.exit(
+                f"server exited with {self.proc.returncode} mid-run; log {self.log.name}:\n{self.tail()}"
+            )
+
+    def stop(self) -> int:
+        """SIGTERM, wait for the drain; the exit status (0 expected), with the log shown if it says anything."""
+        if self.proc.poll() is not None:
+            print(f"server had already exited with {self.proc.returncode}", file=sys.stderr)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        if rc != 0 or self.tail().strip():
+            print(
+                f"server exit status {rc} after SIGTERM; log {self.log.name}:\n{self.tail()}", file=sys.stderr
+            )
+        else:
+            Path(self.log.name).unlink()  # a clean run leaves nothing behind
+        return rc
+
+    def tail(self, n: int = 40) -> str:
+        self.log.flush()
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
+
+
+def ms(x: float) -> str:
+    return f"{x * 1e3:.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--levels", default="1,4,16,64", help="comma-separated concurrency levels")
+    ap.add_argument("--requests", type=int, default=32, help="requests per level and per prefix run")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--shared-concurrency", type=int, default=16)
+    ap.add_argument("--peer-url", help="bench this running OpenAI-compatible server instead of lmforge")
+    ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    model, name = args.model, "lmforge"
+    if args.peer_url:
+        args.peer_url = args.peer_url.rstrip("/")
+        name = f"peer {args.peer_url}"
+        model = httpx.get(f"{args.peer_url}/v1/models", timeout=10).json()["data"][0]["id"]
+    else:
+        from lmforge import store
+        from lmforge.errors import UserError
+
+        try:
+            store.resolve(model)
+        except UserError as e:
+            sys.exit(f"{e} (model store: {store.models_dir()})")
+
+    def serve(extra: list[str]) -> Server | None:
+        if args.peer_url:
+            return None
+        server = Server(model, ["--max-batch", str(max(64, *levels)), *extra])
+        server.wait_ready()
+        return server
+
+    level_rows, prefix_rows, exits = [], [], []
+    server = serve([])
+    url = server.url if server else args.peer_url
+    for i, c in enumerate(levels):
+        qs = [QUESTIONS[(i * args.requests + j) % len(QUESTIONS)] for j in range(args.requests)]
+        st = asyncio.run(run_load(url, [chat_body(model, q, args.max_tokens) for q in qs], c))
+        if server:
+            server.check_alive()
+        level_rows.append(
+            f"| {name} | {c} | {st.done}/{args.requests} | {st.errors} | {st.tokens} | "
+            f"{st.tokens / st.wall:.1f} | {st.done / st.wall:.2f} | {ms(pct(st.ttft, 50))} | "
+            f"{ms(pct(st.ttft, 95))} | {ms(pct(st.itl, 50))} | {ms(pct(st.itl, 95))} |"
+        )
+        print(level_rows[-1] + (f" ({st.no_usage} without usage)" if st.no_usage else ""), flush=True)
+
+    shared = [
+        chat_body(model, SHOP_QUESTIONS[j % len(SHOP_QUESTIONS)], args.max_tokens, SYSTEM_PROMPT)
+        for j in range(args.requests)
+    ]
+    for caching in [True, False] if server else [True]:
+        if server and not caching:
+            exits.append(server.stop())
+            server = serve(["--no-prefix-caching"])
+        url = server.url if server else args.peer_url
+        st = asyncio.run(run_load(url, shared, args.shared_concurrency))
+        if server:
+            server.check_alive()
+        hits = f"{st.cache[0]:.0f} / {st.cache[1]:.0f}" if st.cache else "n/a"
+        rate = f"{st.cache[0] / st.cache[1]:.0%}" if st.cache and st.cache[1] else "n/a"
+        label = ("on" if caching else "off") if server else "as configured"
+        prefix_rows.append(
+            f"| {name} | {label} | {st.errors} | {st.prompt_tokens / max(st.done, 1):.0f} | "
+            f"{st.tokens / st.wall:.1f} | {ms(pct(st.ttft, 50))} | {ms(pct(st.ttft, 95))} | {hits} | {rate} |"
+        )
+        print(prefix_rows[-1], flush=True)
+    if server:
+        exits.append(server.stop())
+
+    level_table = [
+        "| server | concurrency | done | errors | out tokens | out tok/s | req/s "
+        "| TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *level_rows,
+    ]
+    prefix_table = [
+        "| server | prefix caching | errors | prompt tokens/req | out tok/s | TTFT p50 ms | TTFT p95 ms "
+        "| cache hits / queries (tokens) | hit rate |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *prefix_rows,
+    ]
+    exit_note = (
+        f"Server exit status after SIGTERM: {', '.join(map(str, exits))} (0 expected)." if exits else ""
+    )
+    print("\n" + "\n".join(level_table) + "\n\n" + "\n".join(prefix_table) + "\n\n" + exit_note)
+    if args.record:
+        record(args, model, name, level_table, prefix_table, exit_note)
+    if any(exits):
+        sys.exit(1)
+
+
+def record(
+    args: argparse.Namespace, model: str, name: str, levels: list[str], prefix: list[str], note: str
+) -> None:
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {importlib.metadata.version('torch')}"
+    threads = "" if args.peer_url else f"the server with --threads {os.cpu_count()}, "
+    entry = [
+        f"\n## serve.py — {datetime.date.today()} — {machine}",
+        "",
+        f"`{model}` via {name}, streaming chat, temperature 0, `ignore_eos`, max_tokens {args.max_tokens}, "
+        f"{args.requests} requests per concurrency level (one warm-up request first), {threads}the asyncio "
+        "client on the same machine. TTFT: request sent to first content delta; ITL: gaps between deltas.",
+        "",
+        *levels,
+        "",
+        f"Shared ~400-token system prompt, {args.shared_concurrency} concurrent, {args.requests} requests, "
+        "different user questions; prefix-cache counters are the run's delta of /metrics.",
+        "",
+        *prefix,
+        "",
+        note,
+    ]
+    with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+        f.write("\n".join(entry) + "\n")
+
+
+if __name__ == "__main__":
+    main()
