@@ -261,6 +261,210 @@ def serve(
         asyncio.run(engine.shutdown(drain_timeout=0))
 
 
+# --------------------------------------------------------------------------------------------- training
+
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
+app.add_typer(data_app, name="data")
+
+
+def _tokenizer_spec(name: str):
+    """--tokenizer: "bpe", "bytes", a tokenizer folder / tokenizer.json, or a model name or path in the store."""
+    from pathlib import Path
+
+    if name in ("bpe", "bytes") or Path(name).is_dir() or name.endswith(".json"):
+        return name
+    from lmforge import store
+    from lmforge.data.tokenizer import Tokenizer
+
+    model = store.model_file(store.resolve(name))
+    if model.is_dir():
+        return str(model)
+    from lmforge.models.gguf_reader import read_gguf
+
+    return Tokenizer.from_gguf_metadata(read_gguf(model).metadata)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Files, folders or globs (.txt, .md, .jsonl, .parquet, ...).")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Output folder.")] = "",
+    source: Annotated[
+        str | None, typer.Option(help="A built-in corpus instead of inputs: python-stdlib.")
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="JSON field holding the text (.jsonl).")] = "text",
+    text_column: Annotated[str, typer.Option(help="Column holding the text (.parquet).")] = "text",
+    tokenizer: Annotated[
+        str, typer.Option(help="bpe (train one), bytes, a tokenizer folder/json, or a model name or path.")
+    ] = "bpe",
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size of a trained BPE.")] = 8192,
+    special_tokens: Annotated[
+        list[str] | None,
+        typer.Option(help="Special token of a trained BPE (repeatable; first ends documents)."),
+    ] = None,
+    scrub_pii: Annotated[
+        bool, typer.Option(help="Replace e-mails, phone numbers, ... with placeholders.")
+    ] = False,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents for validation.")] = 0.005,
+    workers: Annotated[int, typer.Option(help="Tokenizing processes (0 = all cores).")] = 0,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 100_000_000,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad input instead of skipping it.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
+    max_documents: Annotated[int | None, typer.Option(help="Stop after this many documents.")] = None,
+) -> None:
+    """Turn text files into token shards for `lmforge train`."""
+    import os
+
+    from lmforge.data.prepare import PrepareConfig, run
+
+    extra = {"special_tokens": tuple(special_tokens)} if special_tokens else {}
+    cfg = PrepareConfig(
+        inputs=tuple(inputs or ()),
+        out=out,
+        source=source,
+        text_field=text_field,
+        text_column=text_column,
+        tokenizer=_tokenizer_spec(tokenizer),
+        vocab_size=vocab_size,
+        scrub_pii=scrub_pii,
+        val_fraction=val_fraction,
+        workers=workers or os.cpu_count() or 1,
+        shard_tokens=shard_tokens,
+        strict=strict,
+        seed=seed,
+        max_documents=max_documents,
+        **extra,
+    )
+    typer.echo(run(cfg).format())
+
+
+def _print_train_result(result) -> None:
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
+    typer.echo(f"{result.stopped} after {result.steps} steps; val loss {val}; run folder {result.run_dir}")
+    if result.store_name:
+        typer.echo(f"model stored as {result.store_name!r}: lmforge generate {result.store_name} 'PROMPT'")
+    if result.sample:
+        typer.echo("sample (greedy):\n" + result.sample)
+
+
+@app.command()
+def train(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=3e-4 model.n_layer=6.")
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="A YAML recipe (see recipes/).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in out_dir from its last checkpoint.")
+    ] = False,
+) -> None:
+    """Pretrain a model (from scratch or `init_from=MODEL`) on prepared data; run it under torchrun for DDP."""
+    from lmforge import config_io
+    from lmforge.train import pretrain
+    from lmforge.train.config import TrainConfig
+
+    cfg = config_io.load(TrainConfig, config, overrides or [])
+    result = pretrain.run(cfg, resume=resume)
+    if result.model_dir is not None:  # rank 0
+        _print_train_result(result)
+
+
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect training runs.")
+app.add_typer(runs_app, name="runs")
+RunsDir = Annotated[str, typer.Option(help="Folder holding the runs.")]
+
+
+@runs_app.command("list")
+def runs_list(runs_dir: RunsDir = "runs") -> None:
+    """Table of the runs: name, steps, best val loss, status."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmforge.train import runs
+
+    found = runs.list_runs(runs_dir)
+    if not found:
+        typer.echo(f"no runs in {runs_dir}/; start one with `lmforge train` or `lmforge quickstart`")
+        return
+    table = Table("name", "steps", "best val loss", "status")
+    for r in found:
+        steps = f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step)
+        best = f"{r.best_val_loss:.4f}" if r.best_val_loss is not None else "-"
+        table.add_row(r.name, steps, best, r.status)
+    Console().print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="Run name (in runs/) or folder.")], runs_dir: RunsDir = "runs"
+) -> None:
+    """A run's resolved config, status and last metrics."""
+    import json
+
+    from lmforge.train import runs
+
+    shown = runs.show(runs.find(run, runs_dir))
+    typer.echo(shown["config"].rstrip())
+    i = shown["info"]
+    best = f"{i.best_val_loss:.4f}" if i.best_val_loss is not None else "-"
+    typer.echo(f"\nstatus: {i.status}, step {i.step}/{i.max_steps}, best val loss {best}")
+    for row in shown["metrics"]:
+        typer.echo(json.dumps(row))
+
+
+@runs_app.command("plot")
+def runs_plot(
+    run: Annotated[str, typer.Argument(help="Run name (in runs/) or folder.")],
+    out: Annotated[str | None, typer.Option(help="PNG path (default RUN/loss.png).")] = None,
+    runs_dir: RunsDir = "runs",
+) -> None:
+    """Plot train/val loss and learning rate against step to a PNG."""
+    from pathlib import Path
+
+    from lmforge.train import runs
+
+    typer.echo(str(runs.plot(runs.find(run, runs_dir), Path(out) if out else None)))
+
+
+@app.command()
+def quickstart(
+    minutes: Annotated[float, typer.Option(help="Training time budget.")] = 3.0,
+    data_dir: Annotated[str, typer.Option(help="Where the prepared corpus goes.")] = "data/python-stdlib",
+    name: Annotated[str, typer.Option(help="Run and store name.")] = "quickstart",
+) -> None:
+    """Train a small model on the Python standard library for a few minutes and store it."""
+    from pathlib import Path
+
+    from lmforge import config_io
+    from lmforge.train import pretrain
+    from lmforge.train.config import TrainConfig
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+    cfg = config_io.load(
+        TrainConfig,
+        recipe if recipe.is_file() else None,
+        [f"data={data_dir}", f"name={name}", f"max_minutes={minutes}"],
+    )
+    if not (Path(data_dir) / "meta.json").is_file():
+        import os
+
+        from lmforge.data.prepare import PrepareConfig, run
+
+        typer.echo(f"preparing the Python standard library into {data_dir} ...")
+        prep = PrepareConfig(
+            out=data_dir,
+            source="python-stdlib",
+            tokenizer="bpe",
+            vocab_size=4096,
+            workers=os.cpu_count() or 1,
+        )
+        typer.echo(run(prep).format())
+    typer.echo(f"training {cfg.name} for up to {minutes:g} minutes ...")
+    _print_train_result(pretrain.run(cfg))
+
+
 def main() -> None:
     try:
         app()
