@@ -465,6 +465,70 @@ def quickstart(
     _print_train_result(pretrain.run(cfg))
 
 
+@app.command(name="eval")
+def eval_(
+    model: Annotated[
+        str, typer.Argument(help="Model name or path; or `compare` followed by report folders.")
+    ],
+    runs: Annotated[list[str] | None, typer.Argument(help="With `compare`: eval report folders.")] = None,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="Built-in task or task type (repeatable).")
+    ] = None,
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="Data file for a task type, in order.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows / sequences per forward.")] = 8,
+    max_length: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
+    stride: Annotated[int | None, typer.Option(help="Perplexity window step.")] = None,
+    num_fewshot: Annotated[int, typer.Option(help="Few-shot examples per item.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="First N items of each task.")] = None,
+    out: Annotated[str | None, typer.Option(help="Report folder (default runs/eval/MODEL-TIME).")] = None,
+    chat: Annotated[bool, typer.Option(help="Generation tasks: use the chat template.")] = False,
+    png: Annotated[str | None, typer.Option(help="With `compare`: bar chart path.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = 0,
+) -> None:
+    """Evaluate a model on tasks (perplexity, multiple_choice, generation); `eval compare RUN...` tabulates reports."""
+    import json
+
+    from lmforge import runtime
+    from lmforge.eval import harness
+
+    if model == "compare":
+        if not runs:
+            raise UserError("`lmforge eval compare` needs at least one report folder")
+        typer.echo(harness.compare(runs, out_png=png))
+        return
+    if runs:
+        raise UserError(f"unexpected arguments {' '.join(runs)}; give tasks with --task")
+    if not task:
+        raise UserError("name at least one task with --task (built-ins: arith, shop-faq, en-zh, wiki-ppl)")
+    runtime.set_threads(threads or None)
+
+    cfg = harness.EvalConfig(
+        model=model,
+        tasks=task,
+        data=data or (),
+        batch_size=batch_size,
+        max_length=max_length,
+        stride=stride,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        out=out,
+        chat=chat,
+        device=device,
+        dtype=dtype,
+        progress=not json_out,
+    )
+    results = harness.run(cfg)
+    if json_out:
+        typer.echo(json.dumps(results, default=str))
+    else:
+        typer.echo(json.dumps(results, indent=2, default=str))
+
+
 def main() -> None:
     try:
         app()
