@@ -181,8 +181,12 @@ class LLMEngine:
         if st.any_repetition_penalty:
             prompt_mask = token_mask([r.seq.prompt_ids for r in reqs], vocab, self.device)
         k = max(p.logprobs or 0 for p in params)
-        res = sample(logits, st, [r.generator for r in reqs], counts, prompt_mask, num_logprobs=k)
-        token_ids, logprobs = res.token_ids.tolist(), res.logprobs.tolist()
+        want = any(p.logprobs is not None for p in params)
+        res = sample(
+            logits, st, [r.generator for r in reqs], counts, prompt_mask, num_logprobs=k, logprobs=want
+        )
+        token_ids = res.token_ids.tolist()
+        logprobs = res.logprobs.tolist() if res.logprobs is not None else [0.0] * len(reqs)  # unreported
         top_ids = res.top_ids.tolist() if res.top_ids is not None else None
         top_lps = res.top_logprobs.tolist() if res.top_logprobs is not None else None
         out = {}

@@ -113,7 +113,9 @@ class SamplingTensors:
 @dataclass
 class SampleResult:
     token_ids: torch.Tensor  # (B,) int64
-    logprobs: torch.Tensor  # (B,) float32, chosen token under the raw model distribution
+    logprobs: (
+        torch.Tensor | None
+    )  # (B,) float32, chosen token under the raw model distribution (None if not asked)
     top_ids: torch.Tensor | None = None  # (B, k) int64, most likely first; only when num_logprobs > 0
     top_logprobs: torch.Tensor | None = None  # (B, k) float32, descending
 
@@ -231,6 +233,8 @@ def sample(
     output_counts: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
     num_logprobs: int = 0,
+    *,
+    logprobs: bool = True,
 ) -> SampleResult:
     """One token per row of (B, V) raw logits. Greedy rows take the argmax of the penalised logits.
 
@@ -243,8 +247,10 @@ def sample(
     raw = logits.float()  # bf16/fp16 models: filter and sample in float32
     logits = raw
 
-    # logprobs are of the raw distribution; logsumexp avoids materialising a (B, V) log_softmax
-    lse = raw.logsumexp(dim=-1, keepdim=True)  # (B, 1)
+    # logprobs are of the raw distribution; logsumexp avoids materialising a (B, V) log_softmax. It is a full
+    # pass over the (B, V) logits (4% of a 48-sequence decode step), so callers that report none skip it.
+    logprobs = logprobs or num_logprobs > 0
+    lse = raw.logsumexp(dim=-1, keepdim=True) if logprobs else None  # (B, 1)
     top_ids = top_logprobs = None
     if num_logprobs > 0:
         top_values, top_ids = raw.topk(min(num_logprobs, vocab), dim=-1)  # sorted, most likely first
@@ -272,7 +278,5 @@ def sample(
             token_ids = logits.argmax(dim=-1)
             token_ids[t.random_rows] = sampled
 
-    chosen = raw.gather(1, token_ids.unsqueeze(1)) - lse  # (B, 1)
-    return SampleResult(
-        token_ids=token_ids, logprobs=chosen.squeeze(1), top_ids=top_ids, top_logprobs=top_logprobs
-    )
+    chosen = (raw.gather(1, token_ids.unsqueeze(1)) - lse).squeeze(1) if logprobs else None  # (B,)
+    return SampleResult(token_ids=token_ids, logprobs=chosen, top_ids=top_ids, top_logprobs=top_logprobs)

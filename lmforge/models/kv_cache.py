@@ -83,7 +83,9 @@ class CacheBatch:
     )  # sequences with > 1 new token, attended one by one
     decode_rows: torch.Tensor | None = None  # (Bd,) long: positions in the flat batch of the decode tokens
     decode_slots: torch.Tensor | None = None  # (Bd, Lmax) long: padded context slots of each decode sequence
-    decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, Lmax) bool: True where a slot is real context
+    decode_pad: torch.Tensor | None = (
+        None  # (Bd, 1, Lmax) bool: True where a slot is padding (or out of window)
+    )
     decode_single: SeqSlice | None = None  # the lone decode sequence when Bd == 1 (no padding, maybe a view)
     sliding_window: int | None = None
 
@@ -131,7 +133,7 @@ class CacheBatch:
                 mask[i, 0, 0, lo : s.ctx_len] = True
             batch.decode_rows = torch.tensor([s.start for s in decodes], dtype=torch.long, device=device)
             batch.decode_slots = padded.to(device)
-            batch.decode_mask = mask.to(device)
+            batch.decode_pad = ~mask.view(len(decodes), 1, lmax).to(device)
         return batch
 
     @property

@@ -150,11 +150,14 @@ class Attention(nn.Module):
         elif batch.decode_rows is not None:
             rows = batch.decode_rows
             g = self.n_head // self.n_kv_head
-            # Grouped query heads ride in the query-length axis: (Bd, nkv, g, hs) against (Bd, nkv, L, hs).
-            qd = q[rows].view(-1, self.n_kv_head, g, self.head_dim)
-            kd = k_cache[:, batch.decode_slots].transpose(0, 1)  # (Bd, nkv, L, hs)
-            vd = v_cache[:, batch.decode_slots].transpose(0, 1)
-            yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask)
+            # Spelled out in the cache's own (nkv, Bd, ...) order: the gathered keys stay contiguous (SDPA would
+            # want (Bd, nkv, ...) and copy them again), and grouped query heads ride in the query axis.
+            qd = q[rows].view(-1, self.n_kv_head, g, self.head_dim).transpose(0, 1)  # (nkv, Bd, g, hs)
+            kd = k_cache[:, batch.decode_slots]  # (nkv, Bd, L, hs)
+            vd = v_cache[:, batch.decode_slots]
+            att = (qd @ kd.transpose(-1, -2)) * self.head_dim**-0.5  # (nkv, Bd, g, L)
+            att = att.masked_fill(batch.decode_pad, float("-inf")).softmax(dim=-1)
+            yd = (att @ vd).transpose(0, 1)  # (Bd, nkv, g, hs)
             y[rows] = yd.reshape(-1, self.n_head, self.head_dim)
         return y
 
