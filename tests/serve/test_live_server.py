@@ -228,3 +228,13 @@ def test_queue_full_429_and_graceful_sigterm(smollm2_gguf):
         assert srv.proc.wait(timeout=60) == 0
     finally:
         srv.stop()
+
+
+def test_disconnect_aborts_a_non_streamed_request(server):
+    body = {"model": "smol", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while the server generates
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.5))
+    left = time.monotonic()
+    while server.metric("lmforge_num_requests_running") != 0:
+        assert time.monotonic() - left < 1.0, "the engine kept generating for a gone client"
+        time.sleep(0.05)

@@ -7,6 +7,7 @@ a stream's response starts only once its first delta is in hand. Later errors go
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -222,6 +223,39 @@ class _Tally:
         state.metrics.completion_tokens.inc(usage.completion_tokens)
 
 
+async def _collect(
+    request: Request,
+    state: ServerState,
+    first: ChoiceDelta | None,
+    deltas: AsyncIterator[ChoiceDelta],
+    tally: _Tally,
+) -> bool:
+    """Run a non-streamed request to the end; False if the client left first (its engine requests are aborted,
+    and what was generated is still recorded)."""
+
+    async def consume() -> None:
+        async for d in _chain(first, deltas):
+            tally.add(d)
+
+    async def disconnected() -> None:
+        # the body has been read, so the next ASGI message is the client hanging up
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            work.result()  # re-raise an engine error
+            return True
+        work.cancel()  # unwinding the generators aborts the engine requests (shielded)
+        await asyncio.gather(work, return_exceptions=True)
+        return False
+    finally:
+        watch.cancel()
+        tally.record(state)
+
+
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
@@ -274,11 +308,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         return Completion(id=response_id, created=created, model=body.model, choices=items, usage=usage)
 
     if not body.stream:
-        try:
-            async for d in _chain(first, deltas):
-                tally.add(d)
-        finally:
-            tally.record(state)
+        if not await _collect(request, state, first, deltas, tally):
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         items = [
             CompletionChoice(
                 index=i,
@@ -337,11 +368,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     want_logprobs = choices[0].params.logprobs is not None
 
     if not body.stream:
-        try:
-            async for d in _chain(first, deltas):
-                tally.add(d)
-        finally:
-            tally.record(state)
+        if not await _collect(request, state, first, deltas, tally):
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         items = [
             ChatChoice(
                 index=i,
