@@ -174,11 +174,6 @@ def run(cfg: PrepareConfig) -> Summary:
                 splitter.add(doc.digest, ids)
     _check_not_empty(stats)
     splitter.finish()
-    if not writers["train"].num_documents:
-        raise UserError(
-            "only 1 document left, and it went to validation; a corpus needs at least 2 documents "
-            "(split big files, or use .jsonl with one document per line)"
-        )
     for w in writers.values():
         w.close()
 
@@ -389,6 +384,9 @@ def _val_score(seed: int, digest: bytes) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
+SINGLE_DOCUMENT_VAL_FRACTION = 0.1
+
+
 class _Splitter:
     def __init__(self, writers: dict[str, "_ShardWriter"], seed: int, val_fraction: float) -> None:
         self._train, self._val = writers["train"], writers["val"]
@@ -408,9 +406,19 @@ class _Splitter:
             self._held = (score, ids.copy())
 
     def finish(self) -> None:
-        if self._held is not None:
-            (self._train if self._val.num_documents else self._val).add(self._held[1])
-            self._held = None
+        if self._held is None:
+            return
+        ids, self._held = self._held[1], None
+        if self._val.num_documents:
+            self._train.add(ids)
+        elif self._train.num_documents:
+            self._val.add(ids)
+        else:
+            # The whole corpus is one document (one big .txt, like tinyshakespeare): split it by position as
+            # nanoGPT does, the last max(val_fraction, 10%) of its tokens for validation.
+            cut = int(len(ids) * (1 - max(self._fraction, SINGLE_DOCUMENT_VAL_FRACTION)))
+            self._train.add(ids[:cut])
+            self._val.add(ids[cut:])
 
     def _release(self) -> None:
         if self._held is not None:

@@ -167,9 +167,6 @@ def test_user_errors(tmp_path):
         run(PrepareConfig(inputs=[str(tmp_path / "empty.jsonl")], out=str(tmp_path / "o"), tokenizer="gpt5"))
     with pytest.raises(UserError, match="no such file"):
         run(PrepareConfig(inputs=[str(tmp_path / "nope.txt")], out=str(tmp_path / "o")))
-    (tmp_path / "one.txt").write_text("a single document")
-    with pytest.raises(UserError, match="only 1 document left"):
-        run(PrepareConfig(inputs=[str(tmp_path / "one.txt")], out=str(tmp_path / "o"), tokenizer="bytes"))
     with pytest.raises(UserError, match="no inputs matched"):
         run(PrepareConfig(inputs=[], out=str(tmp_path / "o")))
 
@@ -239,3 +236,16 @@ def test_memory_stays_flat_while_streaming(tmp_path):
     )
     assert (tmp_path / "big.jsonl").stat().st_size > 40e6
     assert growth_mb < 25, f"RSS grew by {growth_mb} MB"
+
+
+def test_single_document_is_split_by_position_like_nanogpt(tmp_path):
+    text = "".join(f"line {i} of the only document\n" for i in range(200))
+    (tmp_path / "one.txt").write_text(text)
+    summary = run(
+        PrepareConfig(inputs=[str(tmp_path / "one.txt")], out=str(tmp_path / "o"), tokenizer="bytes")
+    )
+    train = np.fromfile(tmp_path / "o" / "train_00000.bin", dtype="<u2")
+    val = np.fromfile(tmp_path / "o" / "val_00000.bin", dtype="<u2")
+    assert summary.documents == {"train": 1, "val": 1}
+    assert len(train) == int((len(text) + 1) * 0.9)  # bytes + end-of-text token, first 90% to train
+    assert bytes(np.concatenate([train, val[:-1]]).astype(np.uint8)) == text.encode() and val[-1] == 256
