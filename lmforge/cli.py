@@ -529,6 +529,33 @@ def eval_(
         typer.echo(json.dumps(results, indent=2, default=str))
 
 
+@app.command()
+def finetune(
+    config: Annotated[str, typer.Argument(help="A YAML recipe (see recipes/debug/finetune-tiny.yaml).")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value overrides, e.g. method=lora lora.r=16 data=chat.jsonl."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in out_dir from its last checkpoint (method=full).")
+    ] = False,
+) -> None:
+    """Fine-tune a model (full or LoRA) on chat conversations in OpenAI fine-tuning JSONL."""
+    from lmforge import config_io
+    from lmforge.train import finetune as finetune_mod
+
+    cfg = config_io.load(finetune_mod.FinetuneConfig, config, overrides or [])
+    result = finetune_mod.run(cfg, resume=resume)
+    if result.model_dir is None:  # not rank 0
+        return
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
+    typer.echo(f"{result.stopped} after {result.steps} steps; val loss {val}; run folder {result.run_dir}")
+    if result.adapter_dir is not None:
+        typer.echo(f"LoRA adapter (PEFT layout) in {result.adapter_dir}")
+    if result.store_name:
+        typer.echo(f"model stored as {result.store_name!r}: lmforge chat {result.store_name}")
+
+
 def main() -> None:
     try:
         app()
