@@ -174,6 +174,11 @@ def run(cfg: PrepareConfig) -> Summary:
                 splitter.add(doc.digest, ids)
     _check_not_empty(stats)
     splitter.finish()
+    if not writers["train"].num_documents:
+        raise UserError(
+            f"all {writers['val'].num_documents} documents went to validation; lower --val-fraction "
+            f"(now {cfg.val_fraction})"
+        )
     for w in writers.values():
         w.close()
 

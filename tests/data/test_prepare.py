@@ -249,3 +249,14 @@ def test_single_document_is_split_by_position_like_nanogpt(tmp_path):
     assert summary.documents == {"train": 1, "val": 1}
     assert len(train) == int((len(text) + 1) * 0.9)  # bytes + end-of-text token, first 90% to train
     assert bytes(np.concatenate([train, val[:-1]]).astype(np.uint8)) == text.encode() and val[-1] == 256
+
+
+def test_everything_in_validation_is_a_user_error(tmp_path):
+    for i in range(2):
+        (tmp_path / f"d{i}.txt").write_text(f"document number {i}")
+    with pytest.raises(UserError, match="all 2 documents went to validation"):
+        run(
+            PrepareConfig(
+                inputs=[str(tmp_path)], out=str(tmp_path / "o"), tokenizer="bytes", val_fraction=0.999
+            )
+        )
