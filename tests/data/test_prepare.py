@@ -252,11 +252,10 @@ def test_single_document_is_split_by_position_like_nanogpt(tmp_path):
 
 
 def test_everything_in_validation_is_a_user_error(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
     for i in range(2):
-        (tmp_path / f"d{i}.txt").write_text(f"document number {i}")
+        (docs / f"d{i}.txt").write_text(f"document number {i}")
+    cfg = PrepareConfig(inputs=[str(docs)], out=str(tmp_path / "o"), tokenizer="bytes", val_fraction=0.999)
     with pytest.raises(UserError, match="all 2 documents went to validation"):
-        run(
-            PrepareConfig(
-                inputs=[str(tmp_path)], out=str(tmp_path / "o"), tokenizer="bytes", val_fraction=0.999
-            )
-        )
+        run(cfg)
