@@ -9,10 +9,7 @@ lmforge version, run config, metrics). Folders are written under a temporary nam
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lmforge
+from lmforge import atomic
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig, config_from_hf, config_to_hf
@@ -183,15 +181,13 @@ def save(
 ) -> Path:
     """Write an HF-format folder atomically: everything goes to a temporary sibling, then is renamed."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    try:
+    with atomic.folder(folder) as tmp:
         sd = lmforge_to_hf({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, cfg)
         _save_weights(tmp, sd, max_shard_bytes)
-        _write_json(tmp / "config.json", config_to_hf(cfg))
+        atomic.write_json(tmp / "config.json", config_to_hf(cfg))
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": sorted(_eos_ids(cfg, tokenizer, None))}
-        _write_json(tmp / "generation_config.json", gen)
+        atomic.write_json(tmp / "generation_config.json", gen)
         tokenizer.save(tmp)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -200,11 +196,7 @@ def save(
             "run_config": run_config,
             "metrics": metrics,
         }
-        _write_json(tmp / "lmforge.json", meta)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.write_json(tmp / "lmforge.json", meta)
     return folder
 
 
@@ -227,23 +219,6 @@ def _save_weights(folder: Path, sd: dict[str, torch.Tensor], max_shard_bytes: in
         save_file(shard, folder / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in sd.values())
-    _write_json(
+    atomic.write_json(
         folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
     )
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move src to dst; an existing dst is moved aside first and removed only after the swap."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

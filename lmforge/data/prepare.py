@@ -26,7 +26,6 @@ validation set (otherwise it is appended to train, slightly out of order).
 """
 
 import hashlib
-import json
 import multiprocessing
 import os
 from collections import Counter, deque
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from lmforge import atomic
 from lmforge.data.bpe import END_OF_TEXT, ByteTokenizer, train_bpe
 from lmforge.data.corpus import BadInput, Corpus, CorpusStats, Document, resolve_inputs
 from lmforge.data.pii import scrub
@@ -206,8 +206,8 @@ def run(cfg: PrepareConfig) -> Summary:
         "splits": {s: writers[s].shards for s in SPLITS},
     }
     _remove_stale_shards(out, {sh["file"] for s in SPLITS for sh in writers[s].shards})
-    _write_json(out / "summary.json", summary.to_dict())
-    _write_json(out / "meta.json", meta)
+    atomic.write_json(out / "summary.json", summary.to_dict())
+    atomic.write_json(out / "meta.json", meta)
     return summary
 
 
@@ -485,9 +485,3 @@ def _remove_stale_shards(out: Path, keep: set[str]) -> None:
             if path.name not in keep:
                 path.unlink()
                 path.with_name(path.name.removesuffix(".bin") + ".idx.npy").unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

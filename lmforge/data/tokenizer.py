@@ -11,7 +11,6 @@ the difference once it no longer ends in a partial UTF-8 character.
 """
 
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from lmforge import atomic
 from lmforge.data import chat_format
 from lmforge.errors import UserError
 
@@ -213,8 +213,8 @@ class Tokenizer:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write_atomic(folder / "tokenizer.json", self._tok.to_str())
-        _write_atomic(
+        atomic.write_text(folder / "tokenizer.json", self._tok.to_str())
+        atomic.write_text(
             folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         )
 
@@ -463,9 +463,3 @@ def _chat_template_from_folder(folder: Path, config: dict[str, Any]) -> str | No
     if template is not None and not isinstance(template, str):
         raise UserError(f"{folder}: chat_template must be a string, found {type(template).__name__}")
     return template
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge import atomic
 from lmforge.errors import UserError
 from lmforge.models.gpt import GPT
 from lmforge.models.layers import Linear
@@ -214,22 +212,9 @@ def save_adapter(model: GPT, folder: str | Path, cfg: LoraConfig, base_model_nam
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    try:
+    with atomic.folder(folder) as tmp:
         save_file(sd, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():  # move the old adapter aside, remove it only after the swap
-            old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.write_json(tmp / ADAPTER_CONFIG, adapter_config)
 
 
 def _read_adapter_config(path: Path) -> LoraConfig:

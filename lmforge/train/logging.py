@@ -19,18 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lmforge import config_io
+from lmforge import atomic, config_io
 from lmforge.train.config import TrainConfig
 
 METRICS = "metrics.jsonl"
 STATUS = "status.json"
 CONFIG = "config.yaml"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -61,10 +55,10 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run_dir / CONFIG, config_io.dump(cfg))
+        atomic.write_text(self.run_dir / CONFIG, config_io.dump(cfg))
         # A resumed run redoes the steps after its checkpoint: drop what the interrupted run logged past it.
         kept = [r for r in read_metrics(self.run_dir) if r["step"] <= start_step]
-        write_atomic(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic.write_text(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = open(self.run_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
         self._status("running", step=start_step)
         if cfg.tensorboard:
@@ -98,7 +92,7 @@ class RunLogger:
             "max_steps": self.total,
             **extra,
         }
-        write_atomic(self.run_dir / STATUS, json.dumps(info) + "\n")
+        atomic.write_text(self.run_dir / STATUS, json.dumps(info) + "\n")
 
     def step(
         self,
