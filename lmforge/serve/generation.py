@@ -30,6 +30,8 @@ class Choice:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str
+    salt: str = ""  # the tenant's prefix-cache namespace
+    lora: str | None = None  # the LoRA adapter to apply (None = the base model)
 
 
 @dataclass
@@ -43,6 +45,14 @@ class ChoiceDelta:
     num_prompt_tokens: int
     num_output_tokens: int  # generated so far: the billing count
     num_cached_tokens: int
+
+
+def _extra(choice: Choice) -> dict[str, object]:
+    # only what is set, so engines without LoRA support (and the tests' fake engine) keep their signature
+    extra: dict[str, object] = {"salt": choice.salt} if choice.salt else {}
+    if choice.lora is not None:
+        extra["lora"] = choice.lora
+    return extra
 
 
 async def _abort(engine: EngineClient, request_id: str) -> None:
@@ -59,7 +69,9 @@ async def stream_choice(
     done = False
     last_token_at: float | None = None
     try:
-        async with aclosing(engine.generate(choice.prompt_ids, choice.params, choice.request_id)) as outputs:
+        async with aclosing(
+            engine.generate(choice.prompt_ids, choice.params, choice.request_id, **_extra(choice))
+        ) as outputs:
             async for out in outputs:
                 now = time.perf_counter()
                 if out.new_token_ids:

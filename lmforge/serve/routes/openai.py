@@ -96,7 +96,13 @@ def _check_model(state: ServerState, model: str) -> None:
 
 
 def _plan(
-    state: ServerState, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], what: str
+    state: ServerState,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompts: list[list[int]],
+    what: str,
+    *,
+    salt: str = "",
+    lora: str | None = None,
 ) -> list[Choice]:
     """One Choice per (prompt, n), checked against the context length."""
     info = state.engine.model_info()
@@ -127,7 +133,7 @@ def _plan(
         for j in range(n):
             index = p * n + j
             seeded = fitted if params.seed is None else replace(fitted, seed=params.seed + index)
-            choices.append(Choice(index, prompt, seeded, f"{request_id}-{index}"))
+            choices.append(Choice(index, prompt, seeded, f"{request_id}-{index}", salt, lora))
     return choices
 
 
