@@ -9,6 +9,16 @@ a shared-system-prompt run (16 concurrent, 32 requests, one ~400-token system pr
 and off (a server restart). Output tokens come from the stream's `usage`; TTFT is request send to the first
 content delta, ITL the gaps between content deltas. --peer-url runs the same load against an already-running
 OpenAI-compatible server instead (no server is started). --record appends the tables to bench/RESULTS.md.
+
+    python bench/serve.py --metered [--model ...] [--clients 16] [--requests 128] [--rounds 3]
+                          [--pg-url postgresql+psycopg://...] [--record]
+
+--metered measures what auth + metering + rate limiting cost: three servers run side by side (`--no-auth`;
+metered on a fresh SQLite file; metered on a fresh PostgreSQL database, skipped if none can be reached), each
+with a key that has RPM/TPM limits, a price and a budget, so every request takes the whole metered path
+(key lookup, admit, settle). Each round sends --requests non-streamed chat requests with a 1-token completion
+from --clients concurrent clients to each server in turn (rotating the order); the table gives each server's
+median requests/s over the rounds and its ratio to the unmetered server's.
 """
 
 from __future__ import annotations
@@ -267,12 +277,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--levels", default="1,4,16,64", help="comma-separated concurrency levels")
-    ap.add_argument("--requests", type=int, default=32, help="requests per level and per prefix run")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        help="requests per level and per prefix run (default 32; 128 per server and round with --metered)",
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--shared-concurrency", type=int, default=16)
     ap.add_argument("--peer-url", help="bench this running OpenAI-compatible server instead of lmforge")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    ap.add_argument("--metered", action="store_true", help="the metering overhead benchmark (see above)")
+    ap.add_argument("--clients", type=int, default=16, help="--metered: concurrent clients")
+    ap.add_argument("--rounds", type=int, default=3, help="--metered: rounds over the three servers")
+    ap.add_argument("--pg-url", default=os.environ.get("LMFORGE_TEST_DATABASE_URL") or DEFAULT_PG_URL)
     args = ap.parse_args()
+    if args.metered:
+        args.requests = args.requests or 128
+        metered_main(args)
+        return
+    args.requests = args.requests or 32
     levels = [int(x) for x in args.levels.split(",")]
     model, name = args.model, "lmforge"
     if args.peer_url:
@@ -291,7 +314,7 @@ def main() -> None:
     def serve(extra: list[str]) -> Server | None:
         if args.peer_url:
             return None
-        server = Server(model, ["--max-batch", str(max(64, *levels)), *extra])
+        server = Server(model, ["--max-batch", str(max(64, *levels)), "--no-auth", *extra])
         server.wait_ready()
         return server
 
@@ -352,6 +375,142 @@ def main() -> None:
     if args.record:
         record(args, model, name, level_table, prefix_table, exit_note)
     if any(exits):
+        sys.exit(1)
+
+
+# --- --metered: the cost of auth + metering + rate limiting ------------------------------------------------
+
+DEFAULT_PG_URL = "postgresql+psycopg://lmforge:lmforge@127.0.0.1:5432/postgres"
+
+
+async def tiny_requests(url: str, model: str, secret: str | None, n: int, clients: int) -> tuple[float, int]:
+    """`n` non-streamed chat requests with a 1-token completion from `clients` concurrent clients:
+    (requests/s, errors)."""
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as client:
+
+        async def worker(jobs: list[int]) -> None:
+            nonlocal errors
+            while jobs:
+                q = QUESTIONS[jobs.pop() % len(QUESTIONS)]
+                body = {"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": 1,
+                        "temperature": 0}  # fmt: skip
+                r = await client.post("/v1/chat/completions", json=body)
+                if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != 1:
+                    errors += 1
+                    print(f"  request failed: HTTP {r.status_code} {r.text[:200]}", file=sys.stderr)
+
+        await worker([0] * 4)  # warm-up: connections, the first request's lazy work
+        jobs = list(range(n))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(jobs) for _ in range(clients)))
+        return n / (time.perf_counter() - t0), errors
+
+
+def _provision(url: str, model: str) -> str:
+    """Upgrade the database at `url`, give it a tenant with a budget, a price for `model` and a key with RPM and
+    TPM limits that the bench never reaches; the key's secret."""
+    from lmforge.serve import auth, metering
+    from lmforge.serve.db import Database
+
+    db = Database(url)
+    try:
+        db.upgrade()
+        auth.create_tenant(db, "bench")
+        metering.set_price(db, model, input_usd="0.15", output_usd="0.60")
+        metering.set_budget(db, "bench", "1000000")
+        return auth.create_key(db, "bench", rpm=10**6, tpm=10**9)[1]
+    finally:
+        db.close()
+
+
+def metered_main(args: argparse.Namespace) -> None:
+    import secrets as random_names
+
+    import sqlalchemy as sa
+
+    from lmforge import store
+    from lmforge.errors import UserError
+
+    try:
+        store.resolve(args.model)
+    except UserError as e:
+        sys.exit(f"{e} (model store: {store.models_dir()})")
+    model = Path(args.model).stem if Path(args.model).exists() else args.model  # the name `serve` gives it
+    workdir = Path(tempfile.mkdtemp(prefix="lmforge-bench-metered-"))
+    sqlite_url = f"sqlite:///{workdir / 'ledger.db'}"
+    pg_admin, pg_name, pg_url = None, f"lmf_bench_{random_names.token_hex(4)}", None
+    try:
+        pg_admin = sa.create_engine(sa.make_url(args.pg_url), isolation_level="AUTOCOMMIT", pool_size=1)
+        with pg_admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{pg_name}"')
+        pg_url = sa.make_url(args.pg_url).set(database=pg_name).render_as_string(hide_password=False)
+    except Exception as e:  # no PostgreSQL here: bench the other two
+        print(
+            f"PostgreSQL unavailable ({type(e).__name__}: {str(e).splitlines()[0]}); skipping it",
+            file=sys.stderr,
+        )
+        pg_admin = None
+    configs: list[tuple[str, list[str], str | None]] = [("unmetered (--no-auth)", ["--no-auth"], None)]
+    servers = []
+    try:
+        configs.append(("metered, SQLite", ["--database-url", sqlite_url], _provision(sqlite_url, model)))
+        if pg_url:
+            configs.append(("metered, PostgreSQL", ["--database-url", pg_url], _provision(pg_url, model)))
+        # side by side, so each round measures all three under the same background load
+        servers = [
+            Server(args.model, ["--max-batch", str(max(64, args.clients)), "--kv-cache-mb", "256", *extra])
+            for _, extra, _ in configs
+        ]
+        for server in servers:
+            server.wait_ready()
+        rates: list[list[float]] = [[] for _ in configs]
+        errors = 0
+        for r in range(args.rounds):
+            for i in [(r + j) % len(configs) for j in range(len(configs))]:
+                rate, failed = asyncio.run(
+                    tiny_requests(servers[i].url, model, configs[i][2], args.requests, args.clients)
+                )
+                servers[i].check_alive()
+                rates[i].append(rate)
+                errors += failed
+                print(f"round {r + 1}: {configs[i][0]}: {rate:.1f} req/s", flush=True)
+    finally:
+        exits = [server.stop() for server in servers]
+        if pg_admin is not None:
+            with pg_admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
+            pg_admin.dispose()
+    medians = [sorted(x)[len(x) // 2] for x in rates]
+    table = [
+        "| server | req/s (median) | req/s per round | vs unmetered |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {m:.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {m / medians[0]:.3f}x |"
+            for (name, _, _), m, xs in zip(configs, medians, rates, strict=True)
+        ),
+    ]
+    note = f"Errors: {errors}. Server exit status after SIGTERM: {', '.join(map(str, exits))} (0 expected)."
+    print("\n" + "\n".join(table) + "\n\n" + note)
+    if args.record:
+        machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {importlib.metadata.version('torch')}"
+        entry = [
+            f"\n## serve.py --metered — {datetime.date.today()} — {machine}",
+            "",
+            f"`{model}`, non-streamed chat with a 1-token completion, {args.clients} concurrent clients, "
+            f"{args.requests} requests per server per round, {args.rounds} rounds (order rotated each round); "
+            f"the three servers run side by side with --threads {os.cpu_count()}, the asyncio client on the same "
+            "machine. Metered = API key lookup + admit (rate window, budget hold, ledger row) + settle, per request.",
+            "",
+            *table,
+            "",
+            note,
+        ]
+        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+            f.write("\n".join(entry) + "\n")
+    if errors or any(exits):
         sys.exit(1)
 
 

@@ -21,6 +21,7 @@ import lmforge
 from lmforge import atomic
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.models import classifier
 from lmforge.models.config import ModelConfig, config_from_hf, config_to_hf
 from lmforge.models.convert import config_from_gguf, gguf_to_lmforge, hf_to_lmforge, lmforge_to_hf
 from lmforge.models.gguf_reader import dequantize, read_gguf
@@ -32,7 +33,7 @@ MAX_SHARD_BYTES = 5 * 1024**3
 
 @dataclass
 class Checkpoint:
-    model: GPT
+    model: GPT | classifier.SequenceClassifier  # the latter for a *ForSequenceClassification folder
     tokenizer: Tokenizer
     config: ModelConfig
     path: Path
@@ -85,8 +86,10 @@ def _load_gguf(path: Path, device, dtype) -> Checkpoint:
 def _load_hf(path: Path, device, dtype) -> Checkpoint:
     hf_cfg = _read_json(path / "config.json")
     cfg = config_from_hf(hf_cfg)
-    sd = hf_to_lmforge(_read_safetensors(path), cfg)
-    model = build_model(cfg, sd, device=device, dtype=dtype)
+    if classifier.is_classifier_config(hf_cfg):
+        model = classifier.from_hf(hf_cfg, _read_safetensors(path), cfg, device=device, dtype=dtype)
+    else:
+        model = build_model(cfg, hf_to_lmforge(_read_safetensors(path), cfg), device=device, dtype=dtype)
     tok = Tokenizer.from_folder(path)
     gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else None
     return Checkpoint(model, tok, cfg, path, "hf", _eos_ids(cfg, tok, gen))
@@ -172,20 +175,27 @@ def validate(path: str | Path) -> None:
 
 def save(
     folder: str | Path,
-    model: GPT,
+    model: GPT | classifier.SequenceClassifier,
     tokenizer: Tokenizer,
     *,
     run_config: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write an HF-format folder atomically: everything goes to a temporary sibling, then is renamed."""
+    """Write an HF-format folder atomically: everything goes to a temporary sibling, then is renamed.
+
+    A model with `hf_config()` (a SequenceClassifier, or a training wrapper of one) is written as
+    transformers' *ForSequenceClassification: its config.json and `models.classifier.hf_weights` names."""
     folder = Path(folder)
     cfg = model.config
     with atomic.folder(folder) as tmp:
-        sd = lmforge_to_hf({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, cfg)
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if hasattr(model, "hf_config"):
+            sd, hf_config = classifier.hf_weights(weights, cfg), model.hf_config()
+        else:
+            sd, hf_config = lmforge_to_hf(weights, cfg), config_to_hf(cfg)
         _save_weights(tmp, sd, max_shard_bytes)
-        atomic.write_json(tmp / "config.json", config_to_hf(cfg))
+        atomic.write_json(tmp / "config.json", hf_config)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": sorted(_eos_ids(cfg, tokenizer, None))}
         atomic.write_json(tmp / "generation_config.json", gen)
         tokenizer.save(tmp)

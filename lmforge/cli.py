@@ -77,7 +77,12 @@ def _load(model: str, device: str, dtype: str, threads: int):
 
     runtime.set_threads(threads or None)
     dev = runtime.resolve_device(device)
-    return checkpoint.load(store.resolve(model), device=dev, dtype=runtime.resolve_dtype(dtype, dev))
+    ck = checkpoint.load(store.resolve(model), device=dev, dtype=runtime.resolve_dtype(dtype, dev))
+    if hasattr(ck.model, "labels"):  # a models.classifier.SequenceClassifier: it has no LM head
+        raise UserError(
+            f"{model} is a text classifier, not a language model; use `lmforge classify {model} TEXT`"
+        )
+    return ck
 
 
 _SAMPLING_OPTIONS = (
@@ -214,6 +219,13 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     served_name: Annotated[str | None, typer.Option(help="Model name clients send (default: MODEL).")] = None,
+    classifier: Annotated[
+        str | None, typer.Option(help="Also serve a classifier folder at /v1/classifications: NAME=PATH.")
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="Serve a PEFT LoRA adapter as model SERVED_NAME:NAME: NAME=PATH (repeatable)."),
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 64,
     max_batched_tokens: Annotated[
         int, typer.Option(help="Token budget per step (chunks long prompts).")
@@ -225,25 +237,66 @@ def serve(
         float, typer.Option(help="Seconds running requests get to finish on SIGTERM.")
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Keys and usage ledger (default: $LMFORGE_DATABASE_URL, else SQLite in LMFORGE_HOME)."
+        ),
+    ] = None,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(envvar="LMFORGE_ADMIN_TOKEN", help="Bearer token of the admin API (/admin/v1)."),
+    ] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Serve openly: no API keys, no metering, no database.")
+    ] = False,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between this process's heartbeats.")] = 10.0,
+    stale_after: Annotated[
+        float,
+        typer.Option(help="Seconds without a heartbeat before a process's pending requests are failed."),
+    ] = 60.0,
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = 0,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API with continuous batching."""
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+
+    Metered by default: every /v1 request needs an API key (`lmforge admin key create`), and is rate-limited,
+    checked against its tenant's budget and written to the usage ledger.
+    """
     import asyncio
     from pathlib import Path
 
-    from lmforge.engine import AsyncEngine, EngineConfig, LLMEngine
     from lmforge.serve.app import create_app, run
     from lmforge.serve.settings import Settings
 
+    if no_auth and (database_url or admin_token):
+        raise UserError("--no-auth serves without a database: drop --database-url and --admin-token")
+    loras = [spec.partition("=") for spec in lora or ()]
+    for name, _, path in loras:  # before the model loads: a typo fails in a second, not a minute
+        if not name or not path or not Path(path).is_dir():
+            raise UserError(f"--lora takes NAME=PATH with PATH a PEFT adapter folder, got {name}={path}")
     settings = Settings(
         model_name=served_name or (Path(model).stem if Path(model).exists() else model),
         host=host,
         port=port,
         max_queue=max_queue,
         drain_timeout_s=drain_timeout,
+        admin_token=admin_token or None,
+        heartbeat_s=heartbeat,
+        stale_after_s=stale_after,
     )
+    db = None
+    if not no_auth:  # before the model loads: a database that is not ready fails in a second, not a minute
+        from lmforge import store
+        from lmforge.serve.db import database_url as resolve_url
+        from lmforge.serve.db import open_database
+
+        db = open_database(resolve_url(database_url, store.home()))
+    from lmforge.engine import AsyncEngine, EngineConfig, LLMEngine  # torch: after the quick checks
+    from lmforge.serve.routes.classify import load_served
+
+    served_classifier = load_served(classifier, device, dtype)
     ck = _load(model, device, dtype, threads)
     config = EngineConfig(
         max_num_seqs=max_batch,
@@ -251,14 +304,264 @@ def serve(
         kv_cache_mb=kv_cache_mb,
         enable_prefix_caching=prefix_caching,
     )
-    engine = AsyncEngine(
-        LLMEngine(ck.model, config, eos_ids=ck.eos_ids), settings.model_name, max_waiting=max_queue
-    )
+    llm = LLMEngine(ck.model, config, eos_ids=ck.eos_ids)
+    for name, _, path in loras:
+        llm.add_lora(name, path)
+    engine = AsyncEngine(llm, settings.model_name, max_waiting=max_queue)
     engine.start()
     try:
-        run(create_app(settings, engine, ck.tokenizer), settings, log_level=log_level)
+        app_ = create_app(settings, engine, ck.tokenizer, db=db, classifier=served_classifier)
+        run(app_, settings, log_level=log_level)
     finally:
         asyncio.run(engine.shutdown(drain_timeout=0))
+        if db is not None:
+            db.close()
+
+
+# ----------------------------------------------------------------------------------- database and admin
+
+db_app = typer.Typer(no_args_is_help=True, help="The database of API keys, prices, budgets and usage.")
+app.add_typer(db_app, name="db")
+admin_app = typer.Typer(
+    no_args_is_help=True, help="Tenants, API keys, prices, budgets and usage reports of a metered server."
+)
+app.add_typer(admin_app, name="admin")
+tenant_app = typer.Typer(
+    no_args_is_help=True, help="Tenants: the customers keys, budgets and usage belong to."
+)
+admin_app.add_typer(tenant_app, name="tenant")
+key_app = typer.Typer(no_args_is_help=True, help="API keys (a secret is shown once, at creation).")
+admin_app.add_typer(key_app, name="key")
+price_app = typer.Typer(no_args_is_help=True, help="Prices per model, in dollars per million tokens.")
+admin_app.add_typer(price_app, name="price")
+budget_app = typer.Typer(no_args_is_help=True, help="Monthly spending limits per tenant.")
+admin_app.add_typer(budget_app, name="budget")
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(help="SQLAlchemy URL (default: $LMFORGE_DATABASE_URL, else SQLite in LMFORGE_HOME)."),
+]
+TenantName = Annotated[str, typer.Option("--tenant", help="Tenant name.")]
+
+
+def _admin_db(database_url: str | None):
+    """The database, ready (SQLite is upgraded in place; PostgreSQL must be upgraded with `lmforge db upgrade`)."""
+    from lmforge import store
+    from lmforge.serve.db import database_url as resolve_url
+    from lmforge.serve.db import open_database
+
+    return open_database(resolve_url(database_url, store.home()))
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(value) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: DatabaseUrl = None) -> None:
+    """Create or migrate the tables to the newest schema (run it before serving on PostgreSQL)."""
+    from lmforge import store
+    from lmforge.serve.db import Database
+    from lmforge.serve.db import database_url as resolve_url
+
+    db = Database(resolve_url(database_url, store.home()))
+    try:
+        db.upgrade()
+        current, _ = db.revision()
+    finally:
+        db.close()
+    typer.echo(f"{db.display_url}: schema at revision {current}")
+
+
+@tenant_app.command("create")
+def tenant_create(
+    name: Annotated[str, typer.Argument(help="Tenant name.")], database_url: DatabaseUrl = None
+) -> None:
+    """Create a tenant."""
+    from lmforge.serve import auth
+
+    tenant = auth.create_tenant(_admin_db(database_url), name)
+    typer.echo(f"tenant {tenant.name!r} created (id {tenant.id})")
+
+
+@tenant_app.command("list")
+def tenant_list(database_url: DatabaseUrl = None) -> None:
+    """List the tenants."""
+    from lmforge.serve import auth
+
+    rows = [[str(t.id), t.name, _when(t.created_at)] for t in auth.list_tenants(_admin_db(database_url))]
+    _print_table(["id", "name", "created (UTC)"], rows)
+
+
+@key_app.command("create")
+def key_create(
+    tenant: TenantName,
+    name: Annotated[str, typer.Option(help="A label to recognise the key by.")] = "",
+    expires: Annotated[
+        str | None, typer.Option(help="Last day the key works (YYYY-MM-DD, UTC) or an ISO 8601 time.")
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Allow only this model (repeatable; default: all).")
+    ] = None,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute (default: unlimited).")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute, prompt + max_tokens.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create an API key: prints the secret (once: only its hash is stored) on stdout, the details on stderr."""
+    from lmforge.serve import auth
+    from lmforge.serve.metering import parse_when
+
+    expires_at = parse_when(expires, what="--expires", end_of_day=True) if expires else None
+    key, secret = auth.create_key(
+        _admin_db(database_url), tenant, name=name, expires_at=expires_at, models=model, rpm=rpm, tpm=tpm
+    )
+    typer.echo(secret)
+    typer.echo(
+        f"key {key.id} ({key.prefix}...) for tenant {key.tenant!r}; store the secret now, it is not shown again",
+        err=True,
+    )
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key: Annotated[str, typer.Argument(help="Key id, prefix (lmf-XXXXXXXX) or the whole secret.")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Revoke an API key: requests with it get 403 from then on."""
+    from lmforge.serve import auth
+
+    revoked = auth.revoke_key(_admin_db(database_url), key)
+    typer.echo(f"key {revoked.id} ({revoked.prefix}...) of tenant {revoked.tenant!r} revoked")
+
+
+@key_app.command("list")
+def key_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List API keys (prefixes only; secrets are never stored)."""
+    from lmforge.serve import auth
+
+    rows = []
+    for k in auth.list_keys(_admin_db(database_url), tenant):
+        status = "revoked" if k.revoked_at else f"expires {_when(k.expires_at)}" if k.expires_at else "active"
+        limits = " ".join(f"{n}={v}" for n, v in (("rpm", k.rpm), ("tpm", k.tpm)) if v is not None) or "-"
+        models = ",".join(k.models) if k.models is not None else "*"
+        rows.append([str(k.id), k.tenant, k.prefix, k.name or "-", status, models, limits])
+    _print_table(["id", "tenant", "prefix", "name", "status", "models", "limits"], rows)
+
+
+@price_app.command("set")
+def price_set(
+    model: Annotated[str, typer.Argument(help="Model name as clients send it.")],
+    input_: Annotated[str, typer.Option("--input", help="Dollars per million prompt tokens, e.g. 0.15.")],
+    output: Annotated[str, typer.Option("--output", help="Dollars per million completion tokens.")],
+    effective: Annotated[
+        str | None, typer.Option(help="From this date (YYYY-MM-DD, UTC) or ISO time; default now.")
+    ] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Set a model's price; requests keep the price in force when they started."""
+    from lmforge.serve import metering
+
+    when = metering.parse_when(effective, what="--effective") if effective else None
+    price = metering.set_price(
+        _admin_db(database_url), model, input_usd=input_, output_usd=output, effective_from=when
+    )
+    typer.echo(
+        f"{price.model}: ${metering.format_price(price.input_uusd_per_mtok)} input, "
+        f"${metering.format_price(price.output_uusd_per_mtok)} output per million tokens "
+        f"from {_when(price.effective_from)} UTC"
+    )
+
+
+@price_app.command("list")
+def price_list(database_url: DatabaseUrl = None) -> None:
+    """List prices, history and scheduled changes included."""
+    from lmforge.serve import metering
+
+    rows = [
+        [
+            p.model,
+            _when(p.effective_from),
+            metering.format_price(p.input_uusd_per_mtok),
+            metering.format_price(p.output_uusd_per_mtok),
+        ]
+        for p in metering.list_prices(_admin_db(database_url))
+    ]
+    _print_table(["model", "effective from (UTC)", "input $/1M", "output $/1M"], rows)
+
+
+@budget_app.command("set")
+def budget_set(
+    tenant: TenantName,
+    usd: Annotated[str, typer.Option("--usd", help="Limit in dollars, e.g. 25.")],
+    month: Annotated[str | None, typer.Option(help="YYYY-MM (UTC; default this month).")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Limit a tenant's spending in a month; requests that could exceed it get 429 insufficient_quota."""
+    from lmforge.serve import metering
+
+    b = metering.set_budget(_admin_db(database_url), tenant, usd, month=month)
+    typer.echo(
+        f"{b.tenant} {b.month}: budget ${metering.format_usd(b.limit_pusd)}, "
+        f"spent ${metering.format_usd(b.spent_pusd)}, held ${metering.format_usd(b.reserved_pusd)}"
+    )
+
+
+@budget_app.command("list")
+def budget_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's budgets.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List budgets with what is spent and held against them."""
+    from lmforge.serve.metering import format_usd, list_budgets
+
+    rows = [
+        [b.tenant, b.month, format_usd(b.limit_pusd), format_usd(b.spent_pusd), format_usd(b.reserved_pusd)]
+        for b in list_budgets(_admin_db(database_url), tenant)
+    ]
+    _print_table(["tenant", "month", "budget $", "spent $", "held $"], rows)
+
+
+@admin_app.command("usage")
+def admin_usage(
+    tenant: TenantName,
+    month: Annotated[str | None, typer.Option(help="YYYY-MM (UTC; default this month).")] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="CSV for invoicing instead of a table.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """A tenant's usage in a month: requests, tokens and cost per model, and totals."""
+    from lmforge.serve import metering
+
+    month = metering.parse_month(month) if month else metering.month_of(metering.utcnow())
+    report = metering.usage_report(_admin_db(database_url), tenant, month)
+    if csv:
+        typer.echo(metering.usage_csv(report), nl=False)
+        return
+    typer.echo(f"tenant {report.tenant}, {report.month} (UTC)")
+    rows = [
+        [
+            m.model,
+            str(m.requests),
+            str(m.prompt_tokens),
+            str(m.completion_tokens),
+            metering.format_usd(m.cost_pusd),
+        ]
+        for m in (*report.models, report.totals)
+    ]
+    _print_table(["model", "requests", "prompt tokens", "completion tokens", "cost $"], rows)
+    b = report.budget
+    limit = "none" if b.limit_pusd is None else f"${metering.format_usd(b.limit_pusd)}"
+    typer.echo(
+        f"budget {limit}; spent ${metering.format_usd(b.spent_pusd)}; {report.pending} request(s) running"
+    )
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -537,10 +840,11 @@ def finetune(
         typer.Argument(help="key=value overrides, e.g. method=lora lora.r=16 data=chat.jsonl."),
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue the run in out_dir from its last checkpoint (method=full).")
+        bool, typer.Option(help="Continue the run in out_dir from its last checkpoint (full or LoRA).")
     ] = False,
 ) -> None:
-    """Fine-tune a model (full or LoRA) on chat conversations in OpenAI fine-tuning JSONL."""
+    """Fine-tune a model (full or LoRA) on chat conversations in OpenAI fine-tuning JSONL, or with
+    task=classification train a classification head on labelled text (JSONL {"text", "label"} or CSV)."""
     from lmforge import config_io
     from lmforge.train import finetune as finetune_mod
 
@@ -553,7 +857,57 @@ def finetune(
     if result.adapter_dir is not None:
         typer.echo(f"LoRA adapter (PEFT layout) in {result.adapter_dir}")
     if result.store_name:
-        typer.echo(f"model stored as {result.store_name!r}: lmforge chat {result.store_name}")
+        use = "classify" if cfg.task == "classification" else "chat"
+        typer.echo(f"model stored as {result.store_name!r}: lmforge {use} {result.store_name}")
+
+
+@app.command()
+def classify(
+    model: Model,
+    text: Annotated[str | None, typer.Argument(help="Text to classify.")] = None,
+    top_k: Annotated[int, typer.Option(help="Print the k most likely labels (0 = all).")] = 1,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Instead of TEXT: a labelled JSONL/CSV to score (metrics JSON + confusion PNG)."),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="With --data: report folder (default runs/eval/MODEL-TIME).")
+    ] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    threads: Threads = 0,
+) -> None:
+    """Classify a text with a classifier (`lmforge finetune ... task=classification`): label and probability."""
+    from pathlib import Path
+
+    from lmforge import runtime, store
+
+    runtime.set_threads(threads or None)
+    if data is not None:
+        from lmforge.eval.harness import default_out_dir
+        from lmforge.train.classify import REPORT, evaluate
+
+        if text is not None:
+            raise UserError("give either TEXT or --data FILE, not both")
+        folder = Path(out) if out else default_out_dir(Path(store.resolve(model)).name)
+        scores, read_report = evaluate(model, data, folder, device=device, dtype=dtype)
+        typer.echo(read_report.summary())
+        typer.echo(
+            f"accuracy {scores['accuracy']:.4f}, macro F1 {scores['f1_macro']:.4f}; report in {folder / REPORT}"
+        )
+        return
+    if not text:
+        raise UserError("give a text to classify (or --data FILE to score a labelled file)")
+    from lmforge.data.labels import encode_texts
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.engine import Classifier
+
+    path = store.resolve(model)
+    classifier = Classifier.load(path, device, dtype)
+    probs = classifier.classify(encode_texts(Tokenizer.from_folder(path), [text]))[0]
+    ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+    for label, p in ranked[: top_k or None]:
+        typer.echo(f"{label}\t{p:.4f}")
 
 
 def main() -> None:

@@ -206,7 +206,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
 
 class SFTBatches:
     """Training batches of padded conversations; `next_batch()` gives this rank's (x, y), each (batch_size, T)
-    with T the longest row of the global batch. Epochs repeat forever, each in a fresh (seed, epoch) order."""
+    with T the longest row of the global batch, and sets `last_batch_tokens` to the real (non-padding) tokens
+    of its rows, which the loop logs. Epochs repeat forever, each in a fresh (seed, epoch) order."""
 
     def __init__(
         self,
@@ -231,6 +232,7 @@ class SFTBatches:
         self.world_size = world_size
         self.bucket_batches = max(1, bucket_batches)
         self.step = 0
+        self.last_batch_tokens = 0
         self.batches_per_epoch = -(-len(self.examples) // self.global_batch_size)
         self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
 
@@ -258,17 +260,23 @@ class SFTBatches:
         self._epoch_cache = (epoch, batches)
         return batches
 
+    def _picks(self, step: int) -> np.ndarray:
+        """Example indices of the global batch of `step`."""
+        epoch, i = divmod(step, self.batches_per_epoch)
+        return self._epoch(epoch)[i]
+
+    def _rows(self) -> slice:
+        return slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the global batch of `step`, padded to the longest row of the global batch (so
         every rank's tensors have one shape)."""
-        epoch, i = divmod(step, self.batches_per_epoch)
-        picks = self._epoch(epoch)[i]
-        x, y = collate([self.examples[j] for j in picks], self.pad_id)
-        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return x[rows], y[rows]
+        x, y = collate([self.examples[j] for j in self._picks(step)], self.pad_id)
+        return x[self._rows()], y[self._rows()]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch(self.step)
+        self.last_batch_tokens = sum(len(self.examples[j]) for j in self._picks(self.step)[self._rows()])
         self.step += 1
         return x, y
 

@@ -13,6 +13,7 @@ from lmforge.engine.types import (
 
 __all__ = [
     "AsyncEngine",
+    "Classifier",
     "EngineClient",
     "EngineConfig",
     "EngineDraining",
@@ -36,4 +37,8 @@ def __getattr__(name: str):
         from lmforge.engine.client import AsyncEngine
 
         return AsyncEngine
+    if name == "Classifier":
+        from lmforge.engine.classifier import Classifier
+
+        return Classifier
     raise AttributeError(name)

@@ -31,6 +31,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     salt: str
+    lora: str | None
 
 
 @dataclass
@@ -79,7 +80,13 @@ class AsyncEngine:
     # -- EngineClient ----------------------------------------------------------------------------------------
 
     async def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str, *, salt: str = ""
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        salt: str = "",
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self._draining or not self._running:
             raise EngineDraining(
@@ -91,13 +98,13 @@ class AsyncEngine:
             raise EngineOverloaded(
                 f"{len(self._streams)} requests are in flight (limit {capacity}); retry shortly"
             )
-        self.engine.check_request(prompt_ids, params)  # UserError now, before the request is queued
+        self.engine.check_request(prompt_ids, params, lora)  # UserError now, before the request is queued
         out_queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
-        self._send(_Add(request_id, list(prompt_ids), params, salt))
+        self._send(_Add(request_id, list(prompt_ids), params, salt, lora))
         finished = False
         try:
             while True:
@@ -123,7 +130,8 @@ class AsyncEngine:
         )
 
     def model_info(self) -> ModelInfo:
-        return self._info
+        # adapters are added before start(), but perhaps after this object was built
+        return dataclasses.replace(self._info, loras=self.engine.lora_names)
 
     # -- the engine thread -----------------------------------------------------------------------------------
 
@@ -163,7 +171,7 @@ class AsyncEngine:
                 if cmd.request_id not in self._streams:  # aborted before it reached the engine
                     continue
                 try:
-                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.salt)
+                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.salt, cmd.lora)
                 except Exception as e:
                     self._deliver(cmd.request_id, e)
             elif isinstance(cmd, _Abort):

@@ -4,13 +4,18 @@
 
 Token ids in, token ids out: tokenising, chat templates, detokenising and stop strings belong to the server.
 `AsyncEngine` (client.py) runs `step()` on its own thread for the server.
+
+LoRA adapters (`add_lora`) are served side by side over the one base model: each request names its adapter
+(or none), and one forward pass applies each adapter to its own requests' tokens (`MultiLoRA`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +27,7 @@ from lmforge.engine.types import EngineStats, RequestOutput, SamplingParams, Tok
 from lmforge.errors import UserError
 from lmforge.models.gpt import GPT
 from lmforge.models.kv_cache import CacheBatch, KVCache
+from lmforge.models.lora import MultiLoRA
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class _Request:
     params: SamplingParams
     stop_ids: frozenset[int]
     generator: torch.Generator | None
+    lora: int = -1  # adapter slot in the engine's MultiLoRA; -1 = the base model
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     started: bool = False
 
@@ -77,11 +84,36 @@ class LLMEngine:
             config.long_prefill_token_threshold,
         )
         self.requests: dict[str, _Request] = {}
+        self.loras: MultiLoRA | None = None  # created by the first add_lora: no adapters, no swapped layers
+
+    # -- adapters --------------------------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str | Path) -> None:
+        """Load the PEFT adapter folder at `path`, to be requested as `lora=name`. Call it before serving
+        (not while another thread runs `step()`): loading swaps the model's layers."""
+        if self.loras is None:
+            self.loras = MultiLoRA(self.model)
+        self.loras.add(name, path)
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        return () if self.loras is None else tuple(self.loras.names)
+
+    def _lora_slot(self, lora: str | None) -> int:
+        if lora is None:
+            return -1
+        if self.loras is None:
+            raise UserError(f"no LoRA adapter named {lora!r} is loaded (loaded: none)")
+        return self.loras.slot(lora)
 
     # -- requests --------------------------------------------------------------------------------------------
 
-    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raise UserError for a request that can never run (too long for the context or the whole cache)."""
+    def check_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams, lora: str | None = None
+    ) -> None:
+        """Raise UserError for a request that can never run (too long for the context or the whole cache,
+        or an adapter that is not loaded)."""
+        self._lora_slot(lora)
         check_prompt(prompt_ids, self.model_config.max_seq_len)
         capacity = self.block_manager.capacity_tokens
         if len(prompt_ids) >= capacity:
@@ -91,16 +123,27 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, salt: str = ""
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        salt: str = "",
+        lora: str | None = None,
     ) -> None:
-        self.check_request(prompt_ids, params)
+        """Queue a request. `salt` (the tenant) and `lora` (an adapter from add_lora; None = the base model)
+        both namespace the prefix cache: blocks are shared only between requests with equal salt and adapter,
+        since an adapter changes every layer's keys and values."""
+        self.check_request(prompt_ids, params, lora)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if "\x00" in salt:
+            raise ValueError("a cache salt may not contain NUL (it separates the adapter name)")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-        seq = SeqState(request_id, list(prompt_ids), salt=salt)
+        cache_salt = salt if lora is None else f"{salt}\x00lora:{lora}"
+        seq = SeqState(request_id, list(prompt_ids), salt=cache_salt)
         self.scheduler.add(seq)
-        self.requests[request_id] = _Request(seq, params, stop_ids, gen)
+        self.requests[request_id] = _Request(seq, params, stop_ids, gen, self._lora_slot(lora))
 
     def abort(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
@@ -137,7 +180,7 @@ class LLMEngine:
             return outputs
         scheduled = sched.scheduled
 
-        ids, positions, sample_rows, sampled = [], [], [], []
+        ids, positions, token_loras, sample_rows, sampled = [], [], [], [], []
         start = 0
         for s in scheduled:
             req = self.requests[s.request_id]
@@ -146,6 +189,7 @@ class LLMEngine:
             lo, hi = s.num_cached, s.num_cached + s.num_new_tokens
             ids.extend(req.seq.all_token_ids[lo:hi])
             positions.extend(range(lo, hi))
+            token_loras.extend([req.lora] * s.num_new_tokens)
             start += s.num_new_tokens
             if s.sample:
                 sample_rows.append(start - 1)
@@ -154,13 +198,14 @@ class LLMEngine:
             sched.block_tables, sched.num_cached, sched.num_new, self.cache.block_size, self.device,
             self.model_config.sliding_window,
         )  # fmt: skip
-        logits = self.model(
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
-            cache=self.cache,
-            batch=batch,
-            logits_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
-        )
+        with self._adapters(token_loras):
+            logits = self.model(
+                torch.tensor(ids, dtype=torch.long, device=self.device),
+                positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+                cache=self.cache,
+                batch=batch,
+                logits_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+            )
         tokens = self._sample(logits, sampled) if sampled else {}
 
         for s in scheduled:
@@ -170,6 +215,12 @@ class LLMEngine:
             if new is not None:
                 outputs.append(self._output(req, new))
         return outputs
+
+    def _adapters(self, token_loras: list[int]) -> contextlib.AbstractContextManager:
+        """Each token through its request's adapter for this forward pass; nothing to do when no token has one."""
+        if self.loras is None or max(token_loras) < 0:
+            return contextlib.nullcontext()
+        return self.loras.activate(token_loras)
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> dict[str, TokenLogprob]:
         params = [r.params for r in reqs]
@@ -237,13 +288,18 @@ class LLMEngine:
     # -- convenience -----------------------------------------------------------------------------------------
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        loras: Sequence[str | None] | None = None,
     ) -> list[list[int]]:
-        """Run prompts to completion together; output token ids in prompt order (tests, benchmarks, eval)."""
+        """Run prompts to completion together, each with its adapter (`loras`, default none); output token ids
+        in prompt order (tests, benchmarks, eval)."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        llist = [None] * len(prompts) if loras is None else list(loras)
         base = f"gen-{time.monotonic_ns()}"
-        for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
-            self.add_request(f"{base}-{i}", p, sp)
+        for i, (p, sp, lora) in enumerate(zip(prompts, plist, llist, strict=True)):
+            self.add_request(f"{base}-{i}", p, sp, lora=lora)
         results: dict[str, list[int]] = {f"{base}-{i}": [] for i in range(len(prompts))}
         while self.has_unfinished:
             for out in self.step():

@@ -11,12 +11,19 @@ from lmforge.engine.types import EngineStats, ModelInfo, RequestOutput, Sampling
 @runtime_checkable
 class EngineClient(Protocol):
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str, *, salt: str = ""
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        salt: str = "",
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; the last has finished=True. Raises UserError for a prompt that can never
-        run (too long for the context or the cache), EngineOverloaded when the queue is full, EngineDraining
-        while shutting down. `salt` keeps prefix-cache sharing within one tenant. Closing the iterator early
-        (client gone) aborts the request."""
+        run (too long for the context or the cache) or an adapter not in `model_info().loras`,
+        EngineOverloaded when the queue is full, EngineDraining while shutting down. `salt` keeps prefix-cache
+        sharing within one tenant; `lora` names the LoRA adapter to apply (None = the base model). Closing the
+        iterator early (client gone) aborts the request."""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -133,6 +133,7 @@ class ModelInfo:
     vocab_size: int
     created: int  # unix time the model was loaded (OpenAI's `created`)
     owned_by: str = "lmforge"
+    loras: tuple[str, ...] = ()  # LoRA adapters served over the model, requested as `lora=name`
 
 
 @dataclass

@@ -14,11 +14,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -33,6 +36,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> its LoraModel -> the HF *ForCausalLM
 _REGEX_CHARS = set("\\^$*+?{}[]|()")
 _SAVABLE_ARCHS = ("llama", "mistral", "qwen2")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # served as "model:name"; kept URL- and log-safe
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,9 @@ def _targets(model: GPT, cfg: LoraConfig) -> list[tuple[str, nn.Linear]]:
     """The (name, Linear) pairs that cfg adapts; UserError when none match or a tied head would."""
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or ".lora_" in name or name.endswith(".base_layer"):
+        if isinstance(module, MultiLoRALinear):  # served adapters: the base Linear under its own name
+            module = module.base_layer
+        elif not isinstance(module, nn.Linear) or ".lora_" in name or name.endswith(".base_layer"):
             continue
         names = (name, name if name == "lm_head" else "model." + name)
         if any(_matches(t, names) for t in cfg.target_modules):
@@ -144,7 +150,7 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_lora(model: GPT, cfg: LoraConfig, generator: torch.Generator | None = None) -> GPT:
     """Wrap every targeted Linear in a LoraLinear, in place, and freeze every base parameter."""
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
+    if any(isinstance(m, LoraLinear | MultiLoRALinear) for m in model.modules()):
         raise UserError("the model already has LoRA adapters; merge_lora it before applying new ones")
     targets = _targets(model, cfg)
     for p in model.parameters():
@@ -267,12 +273,11 @@ def _read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_adapter(model: GPT, folder: str | Path) -> LoraConfig:
-    """Apply the adapter in a PEFT folder to `model` (in place) and return its config.
-
-    Everything is checked (config, file, names, shapes) before the model is touched.
-    """
-    folder = Path(folder)
+def _read_adapter(
+    model: GPT, folder: Path
+) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The adapter in a PEFT folder, checked against `model` (config, file, names, shapes): its config and,
+    per adapted module (our name), its (A (r, in), B (out, r)) tensors as stored."""
     cfg = _read_adapter_config(folder / ADAPTER_CONFIG)
     sd = _read_adapter_weights(folder / ADAPTER_WEIGHTS)
     expected = {}
@@ -292,11 +297,161 @@ def load_adapter(model: GPT, folder: str | Path) -> LoraConfig:
                 f"adapter tensor {key} has shape {tuple(sd[key].shape)}, the model needs {shape}; "
                 "was the adapter trained on a different base model?"
             )
+    weights = {}
+    for name, _ in _targets(model, cfg):
+        prefix = PEFT_PREFIX + _hf_name(model, name)
+        weights[name] = (sd[f"{prefix}.lora_A.weight"], sd[f"{prefix}.lora_B.weight"])
+    return cfg, weights
+
+
+def load_adapter(model: GPT, folder: str | Path) -> LoraConfig:
+    """Apply the adapter in a PEFT folder to `model` (in place) and return its config.
+
+    Everything is checked (config, file, names, shapes) before the model is touched.
+    """
+    cfg, weights = _read_adapter(model, Path(folder))
     apply_lora(model, cfg)
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLinear):
-                prefix = PEFT_PREFIX + _hf_name(model, name)
-                module.lora_A.weight.copy_(sd[f"{prefix}.lora_A.weight"])
-                module.lora_B.weight.copy_(sd[f"{prefix}.lora_B.weight"])
+        for name, (a, b) in weights.items():
+            module = model.get_submodule(name)
+            module.lora_A.weight.copy_(a)
+            module.lora_B.weight.copy_(b)
     return cfg
+
+
+# ------------------------------------------------------------------------------------------- serving
+
+
+class _ActiveRows:
+    """The rows of the current forward pass that each adapter owns; one object, shared by every
+    MultiLoRALinear of a model, set once per step by `MultiLoRA.activate` (vLLM's punica wrapper, smaller)."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[int, slice | torch.Tensor]] = []  # (adapter slot, its rows)
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen base Linear serving several adapters at once, each on its own rows of the flattened batch.
+
+    base(x) runs once for all rows, as without adapters; then, per adapter present in the batch, its rows
+    get B (A x) * scaling added: one gather (a view when the rows are consecutive), two thin GEMMs and one
+    scatter-add per adapter and layer (S-LoRA / punica's SGMV: segments, not tokens). Rows of no adapter
+    keep the base output bit for bit. A and B are held per adapter rather than padded into one tensor: each
+    adapter keeps its own rank, and the loop over adapters present is what a CPU does with segments anyway.
+    """
+
+    def __init__(self, base_layer: nn.Linear, active: _ActiveRows):
+        super().__init__()
+        self.base_layer = base_layer
+        self.active = active
+        # by adapter slot; None where that adapter leaves this layer alone
+        self.lora_A: list[torch.Tensor | None] = []  # (r, in)
+        self.lora_B: list[torch.Tensor | None] = []  # (out, r)
+        self.scaling: list[float] = []
+
+    def add_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        w = self.base_layer.weight
+        missing = slot + 1 - len(self.lora_A)
+        self.lora_A += [None] * missing
+        self.lora_B += [None] * missing
+        self.scaling += [0.0] * missing
+        self.lora_A[slot] = a.to(device=w.device, dtype=w.dtype).contiguous()
+        self.lora_B[slot] = b.to(device=w.device, dtype=w.dtype).contiguous()
+        self.scaling[slot] = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        segments = self.active.segments
+        if not segments:
+            return out
+        x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])  # (N, in), (N, out)
+        for slot, rows in segments:
+            a = self.lora_A[slot] if slot < len(self.lora_A) else None
+            if a is None:
+                continue
+            delta = F.linear(F.linear(x2[rows], a), self.lora_B[slot])  # (n, r) -> (n, out)
+            if isinstance(rows, slice):
+                out2[rows].add_(delta, alpha=self.scaling[slot])
+            else:
+                out2.index_add_(0, rows, delta, alpha=self.scaling[slot])
+        return out
+
+
+def _segments(token_slots: torch.Tensor, device: torch.device) -> list[tuple[int, slice | torch.Tensor]]:
+    """(slot, rows) per adapter in a per-token slot index (-1 = none): a slice when the rows are consecutive
+    (one sequence, or sequences side by side), else their indices on `device`."""
+    segments = []
+    for slot in torch.unique(token_slots).tolist():
+        if slot < 0:
+            continue
+        rows = (token_slots == slot).nonzero().flatten()
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        segments.append((slot, slice(lo, hi) if hi - lo == len(rows) else rows.to(device)))
+    return segments
+
+
+class MultiLoRA:
+    """Several LoRA adapters served over one base model, the adapter chosen per token of the batch.
+
+    `add(name, folder)` loads a PEFT adapter folder and swaps a MultiLoRALinear in for each Linear it targets
+    (the first adapter does the first swap: a model with no adapters keeps its plain Linears and its speed).
+    A forward pass inside `activate(token_slots)` adds each adapter's delta to its tokens' rows only; outside
+    it (or with no adapter tokens) the model computes exactly what its base does.
+
+    References: vLLM `lora/` (LoRAModelManager, punica's per-token mapping), S-LoRA (Sheng et al. 2023).
+    """
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.names: list[str] = []  # slot -> name
+        self.configs: list[LoraConfig] = []
+        self._active = _ActiveRows()
+        self._device = model.lm_head.weight.device
+
+    def add(self, name: str, folder: str | Path) -> int:
+        """Load the adapter in `folder` under `name`; returns its slot. Everything is checked before the
+        model is touched."""
+        if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+            raise UserError(
+                f"LoRA adapter name {name!r} must be letters, digits, '.', '_' or '-' (starting with a "
+                "letter or digit)"
+            )
+        if name in self.names:
+            raise UserError(f"a LoRA adapter named {name!r} is already loaded")
+        cfg, weights = _read_adapter(self.model, Path(folder))
+        if "lm_head" in weights:
+            raise UserError(
+                f"the adapter in {folder} adapts lm_head, which serving does not support; "
+                "merge it into the model instead (merge_lora)"
+            )
+        slot = len(self.names)
+        for module_name, (a, b) in weights.items():
+            layer = self.model.get_submodule(module_name)
+            if not isinstance(layer, MultiLoRALinear):
+                layer = MultiLoRALinear(layer, self._active)
+                _swap(self.model, module_name, layer)
+            layer.add_adapter(slot, a, b, cfg.scaling)
+        self.names.append(name)
+        self.configs.append(cfg)
+        return slot
+
+    def slot(self, name: str) -> int:
+        """The slot of adapter `name`; UserError when no adapter has that name."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            loaded = ", ".join(self.names) or "none"
+            raise UserError(f"no LoRA adapter named {name!r} is loaded (loaded: {loaded})") from None
+
+    @contextmanager
+    def activate(self, token_slots: Sequence[int] | torch.Tensor) -> Iterator[None]:
+        """Within this block, each row t of the model's flattened tokens gets adapter `token_slots[t]`
+        (-1 = the base model alone)."""
+        slots = torch.as_tensor(token_slots, dtype=torch.long, device="cpu")
+        if slots.numel() and int(slots.max()) >= len(self.names):
+            raise ValueError(f"adapter slot {int(slots.max())} is not loaded ({len(self.names)} are)")
+        self._active.segments = _segments(slots, self._device)
+        try:
+            yield
+        finally:
+            self._active.segments = []

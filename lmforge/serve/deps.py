@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -10,6 +11,10 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import EngineClient, EngineDraining, EngineOverloaded
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.settings import Settings
+
+if TYPE_CHECKING:
+    from lmforge.serve.db import Database
+    from lmforge.serve.routes.classify import ServedClassifier
 
 
 @dataclass
@@ -19,6 +24,9 @@ class ServerState:
     tokenizer: Tokenizer
     metrics: ServerMetrics
     draining: bool = False  # set on shutdown: new generation requests get 503, /ready says 503
+    db: Database | None = None  # None = an open server: no auth, no metering
+    instance_id: str | None = None  # this process's row in `instances` (metered servers only)
+    classifier: ServedClassifier | None = None  # served at /v1/classifications beside the generation model
 
     def admit(self, num_requests: int) -> None:
         """Refuse work the engine should not queue: 503 while not ready or draining, 429 when the queue is full."""

@@ -15,6 +15,8 @@ from starlette.exceptions import HTTPException
 
 from lmforge.engine import EngineDraining, EngineOverloaded
 from lmforge.errors import UserError
+from lmforge.serve.auth import AuthError, api_error
+from lmforge.serve.metering import QuotaExceeded, RateLimited
 from lmforge.serve.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,12 @@ def error_for(exc: Exception, *, retry_after_s: int = 1) -> tuple[int, ErrorDeta
     """The status, body and headers for `exc` (also used for errors after a stream has begun)."""
     if isinstance(exc, APIError):
         return exc.status, exc.detail, {}
+    if isinstance(exc, AuthError):  # 401 no or unknown key, 403 revoked, expired or model not allowed
+        return error_for(api_error(exc))
+    if isinstance(exc, RateLimited):  # the key's RPM or TPM: Retry-After and x-ratelimit-* in its headers
+        return 429, ErrorDetail(message=exc.message, type=exc.type, code=exc.code), dict(exc.headers)
+    if isinstance(exc, QuotaExceeded):  # the budget: x-should-retry false, or OpenAI's SDK retries it
+        return 429, ErrorDetail(message=exc.message, type=exc.type, code=exc.code), dict(exc.headers)
     if isinstance(exc, UserError):
         return 400, ErrorDetail(message=str(exc), type="invalid_request_error"), {}
     if isinstance(exc, EngineOverloaded):
@@ -92,5 +100,6 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
-    for exc_type in (APIError, UserError, EngineOverloaded, EngineDraining, Exception):
+    refusals = (AuthError, RateLimited, QuotaExceeded)
+    for exc_type in (APIError, UserError, EngineOverloaded, EngineDraining, *refusals, Exception):
         app.add_exception_handler(exc_type, on_error)

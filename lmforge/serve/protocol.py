@@ -258,11 +258,15 @@ class Completion(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """vLLM's card: a LoRA adapter is its own model, `base:adapter`, whose `parent` is the base model."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
     max_model_len: int
+    root: str | None = None  # the model the card's weights come from (the base, or the adapter's name)
+    parent: str | None = None  # an adapter's base model; None for the base itself
 
 
 class ModelList(BaseModel):

@@ -18,6 +18,11 @@ class Settings:
     drain_timeout_s: float = 30.0  # on shutdown, how long running requests may take to finish
     retry_after_s: int = 1  # the Retry-After sent with 429
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are listed ("*" for any)
+    admin_token: str | None = None  # Bearer token of the admin API (/admin/v1); None = no admin API
+    # Metered servers: how often this process says it is alive (and settles other processes' abandoned
+    # requests), and how long a silent process's pending requests are kept before they count as failed.
+    heartbeat_s: float = 10.0
+    stale_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -30,3 +35,11 @@ class Settings:
             raise UserError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")
         if self.drain_timeout_s < 0:
             raise UserError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
+        if self.heartbeat_s <= 0:
+            raise UserError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
+        if self.stale_after_s <= self.heartbeat_s:
+            # a live process must never look dead between two of its own heartbeats
+            raise UserError(
+                f"the stale-after time ({self.stale_after_s} s) must be longer than the heartbeat interval "
+                f"({self.heartbeat_s} s)"
+            )

@@ -7,8 +7,11 @@ to the one loop, then registers the fine-tuned model in the store under the run'
 method: full trains every weight; the run's model/ folder is the fine-tuned HF model.
 method: lora freezes the base and trains adapters (`models.lora`). The loop checkpoints `model.state_dict()`;
 the LoRA model hands it the merged weights, so model/ is a complete HF folder with the adapters folded in (what
-the store registers), and the adapter alone is written in PEFT's layout to <run>/adapter at the end.
-LoRA runs cannot be resumed yet: the loop restores weights from model/, which holds merged weights, not A and B.
+the store registers), and the adapter alone is written in PEFT's layout to <run>/adapter at the end. On resume
+the base is rebuilt from init_from and the loop restores A and B from train_state/ (it keeps the trained
+parameters of a partly frozen model there), so a LoRA run resumes as exactly as a full one.
+
+task: classification trains a classification head on labelled text instead (`train.classify`, same config).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from lmforge import checkpoint, config_io, store
 from lmforge.data import sft
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.models.classifier import POOLINGS
 from lmforge.models.lora import LoraConfig, LoraLinear, apply_lora, save_adapter
 from lmforge.train import loop
 from lmforge.train.config import OptimConfig, TrainConfig
 from lmforge.train.losses import IGNORE_INDEX, next_token_loss
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "head")  # head: only the classification head trains (task=classification)
+TASKS = ("chat", "classification")  # classification: see train/classify.py
 ADAPTER_DIR = "adapter"
 DATA_REPORT = "data_report.json"
 
@@ -51,7 +56,9 @@ class FinetuneConfig(TrainConfig):
     val_data: str = ""  # a separate validation JSONL; "" = hold out val_fraction of `data`
     val_fraction: float = 0.05
     strict_data: bool = False  # stop at the first bad line instead of skipping and counting it
-    method: str = "full"  # full | lora
+    method: str = "full"  # full | lora | head (classification only)
+    task: str = "chat"  # chat | classification (data: JSONL {"text", "label"} or CSV text,label)
+    pooling: str = "last"  # classification: last (last real token) | mean
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
@@ -60,6 +67,14 @@ class FinetuneConfig(TrainConfig):
             raise UserError("fine-tuning needs init_from=MODEL (a store name, HF folder or .gguf file)")
         if self.method not in METHODS:
             raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.task not in TASKS:
+            raise UserError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.pooling not in POOLINGS:
+            raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.task == "chat" and self.method == "head":
+            raise UserError("method=head trains a classification head; it needs task=classification")
+        if self.task == "classification" and self.distributed == "fsdp":
+            raise UserError("task=classification runs under DDP, not FSDP; set distributed=ddp")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.method == "lora" and self.distributed == "fsdp":
@@ -133,7 +148,7 @@ class LoraModel(nn.Module):
         return merged_state_dict(self.model)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        raise UserError("LoRA runs cannot be resumed yet; start the run again without --resume")
+        raise TypeError("merged weights cannot be split back into base and adapters")
 
 
 @torch.no_grad()
@@ -189,8 +204,10 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
 
 
 def run(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult:
-    if resume and cfg.method == "lora":
-        raise UserError("LoRA runs cannot be resumed yet; start the run again without --resume")
+    if cfg.task == "classification":
+        from lmforge.train import classify  # it builds on this module
+
+        return classify.run(cfg, resume=resume)
     dist = loop.setup(cfg)
     try:
         ck = checkpoint.load(store.resolve(cfg.init_from))

@@ -11,7 +11,8 @@ checkpoints, exact resume, DDP/FSDP, mixed precision, logging) happens here, onc
 
 Resume is exact: the checkpoint holds the weights (HF folder), and per rank the optimizer, the RNG states
 (torch, CUDA, Python, NumPy), the batch source's position, the step and the early-stopping counters, so
-steps k+1..n after a resume are bitwise the steps of an uninterrupted run (on CPU, same thread count).
+steps k+1..n after a resume are bitwise the steps of an uninterrupted run (on CPU, same thread count). A
+partly frozen model (LoRA) keeps its trained parameters in train_state too: its HF folder is merged weights.
 
 Distributed setup (process group, device per rank) lives here rather than in runtime.py until runtime grows
 it; under `torchrun` every rank runs the same code and rank 0 alone prints, logs and writes the HF folder.
@@ -46,7 +47,11 @@ MODEL_DIR = "model"
 
 
 class Batches(Protocol):
-    """What the loop needs from a data source: the next batch and a resumable position."""
+    """What the loop needs from a data source: the next batch and a resumable position.
+
+    A source that pads its rows also sets `last_batch_tokens`, the real (non-padding) tokens of the batch it
+    just returned, so the logged tokens and tokens/s count work done rather than padding; without it every
+    position of the batch's first tensor counts (pretraining windows have no padding)."""
 
     def next_batch(self) -> Any: ...
 
@@ -205,6 +210,7 @@ def save_checkpoint(
         "batches": batches.state_dict(),
         "rng": _rng_state(),
         "world_size": dist.world_size,
+        "trained": _trained_state(model, dist),
     }
     states = run_dir / STATE_DIR
     states.mkdir(parents=True, exist_ok=True)
@@ -217,10 +223,54 @@ def save_checkpoint(
     return folder
 
 
+def _trained_state(model: nn.Module, dist: Dist) -> dict[str, torch.Tensor] | None:
+    """The trained parameters of a partly frozen model (LoRA: the adapters), else None.
+
+    The HF folder holds what the model is, which for LoRA is merged weights that cannot be split back into
+    base and adapters; so a partly frozen model resumes from the frozen part its caller rebuilds (the base
+    model) plus these tensors. They are small next to the optimizer state, which is twice their size.
+    """
+    params = dict(model.named_parameters())
+    if dist.mode == "fsdp" or all(p.requires_grad for p in params.values()):
+        return None
+    return {name: p.detach().cpu() for name, p in params.items() if p.requires_grad}
+
+
+def _load_trained_state(model: nn.Module, trained: dict[str, torch.Tensor], path: Path) -> None:
+    params = dict(model.named_parameters())
+    now = {name: tuple(p.shape) for name, p in params.items() if p.requires_grad}
+    if now != {name: tuple(t.shape) for name, t in trained.items()}:
+        raise UserError(
+            f"{path} trained other parameters than this run does; resume with the run's method and settings"
+        )
+    with torch.no_grad():
+        for name, t in trained.items():
+            params[name].copy_(t)
+
+
+def _load_weights(folder: Path, step: int, model: nn.Module, dist: Dist) -> None:
+    """The model's weights from the run's HF folder, which must be the one written with train_state's step."""
+    meta = json.loads((folder / "lmforge.json").read_text(encoding="utf-8"))
+    saved_step = (meta.get("metrics") or {}).get("step")
+    if saved_step != step:
+        raise UserError(
+            f"{folder} holds step {saved_step} but train_state step {step}: the run was killed while "
+            "checkpointing; start it again without --resume"
+        )
+    saved = checkpoint.load(folder)
+    if dist.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, saved.model.state_dict(), options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(saved.model.state_dict())
+
+
 def load_checkpoint(
     run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, dist: Dist
 ) -> TrainState:
-    """Restore what save_checkpoint wrote; the weights come from the HF folder."""
+    """Restore what save_checkpoint wrote: the weights from the HF folder, or for a partly frozen model its
+    trained parameters from train_state (the frozen ones are as the caller built them)."""
     path = run_dir / STATE_DIR / f"rank{dist.rank}.pt"
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist (train without --resume to start over)")
@@ -229,21 +279,10 @@ def load_checkpoint(
         raise UserError(
             f"{run_dir} was trained with {blob['world_size']} processes; resume it with the same number"
         )
-    folder = run_dir / MODEL_DIR
-    saved = checkpoint.load(folder)
-    meta = json.loads((folder / "lmforge.json").read_text(encoding="utf-8"))
-    saved_step = (meta.get("metrics") or {}).get("step")
-    if saved_step != blob["step"]:
-        raise UserError(
-            f"{folder} holds step {saved_step} but {path} step {blob['step']}: the run was killed while "
-            "checkpointing; start it again without --resume"
-        )
-    if dist.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, saved.model.state_dict(), options=StateDictOptions(full_state_dict=True))
+    if blob.get("trained") is None:
+        _load_weights(run_dir / MODEL_DIR, blob["step"], model, dist)
     else:
-        model.load_state_dict(saved.model.state_dict())
+        _load_trained_state(model, blob["trained"], path)
     optimizer.load_state_dict(blob["optimizer"])
     batches.load_state_dict(blob["batches"])
     _set_rng_state(blob["rng"])
@@ -270,6 +309,24 @@ def _mean_over_ranks(x: torch.Tensor, dist: Dist) -> torch.Tensor:
     x = x.clone()
     tdist.all_reduce(x)  # SUM: gloo has no AVG
     return x / dist.world_size
+
+
+def _batch_tokens(batches: Batches, batch: Any) -> int:
+    """The real tokens of the batch just drawn (see `Batches`)."""
+    reported = getattr(batches, "last_batch_tokens", None)
+    if reported is not None:
+        return int(reported)
+    while not isinstance(batch, torch.Tensor):  # the first tensor of a tuple, list or dict batch
+        batch = next(iter(batch.values() if isinstance(batch, dict) else batch))
+    return batch.numel()
+
+
+def _sum_over_ranks(value: int, dist: Dist) -> int:
+    if dist.mode == "none":
+        return value
+    t = torch.tensor([value], device=dist.device if dist.device.type == "cuda" else "cpu")
+    tdist.all_reduce(t)
+    return int(t.item())
 
 
 def _from_rank0(value: int, dist: Dist) -> int:
@@ -325,7 +382,6 @@ def train(
             torch.manual_seed(torch.initial_seed() + dist.rank)
     logger = RunLogger(run_dir, cfg, enabled=dist.is_main, start_step=state.step)
     accum, ddp = cfg.grad_accum, dist.mode == "ddp"
-    tokens_per_step = cfg.tokens_per_step * dist.world_size
     val_loss: float | None = None
     stopped = "max_steps"
     model.train()
@@ -337,8 +393,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            tokens = 0
             for micro in range(accum):
-                batch = _to_device(batches.next_batch(), device)
+                batch = batches.next_batch()
+                tokens += _batch_tokens(batches, batch)
+                batch = _to_device(batch, device)
                 # DDP all-reduces gradients inside backward; skip it on all but the last micro-step.
                 sync = nullcontext() if (micro == accum - 1 or not ddp) else running.no_sync()
                 with sync:
@@ -352,7 +411,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             train_loss = float(_mean_over_ranks(loss_sum / accum, dist))
             state.step += 1
-            state.tokens += tokens_per_step
+            tokens = _sum_over_ranks(tokens, dist)
+            state.tokens += tokens
             now = time.perf_counter()
             state.elapsed_s = now - t_start
             if not math.isfinite(train_loss):
@@ -378,7 +438,7 @@ def train(
                 state.step,
                 loss=train_loss,
                 lr=lr,
-                tokens_per_s=tokens_per_step / max(now - t0, 1e-9),
+                tokens_per_s=tokens / max(now - t0, 1e-9),
                 elapsed_s=state.elapsed_s,
                 val_loss=evaluated,
                 force=done,

@@ -146,6 +146,7 @@ def test_batches_pad_right_sort_by_length_and_cover_each_epoch():
             assert torch.equal(y[row, :n], torch.from_numpy(examples[k].targets))
             seen.append(k)
         padding += int((x == -7).sum())
+        assert loader.last_batch_tokens == int((x != -7).sum())  # what the loop logs: padding excluded
     assert set(seen) == set(range(23))  # every conversation once (one repeated to fill the last batch)
     unbucketed = sft.SFTBatches(examples, 4, pad_id=-7, seed=1, bucket_batches=1)
     assert padding < sum(int((unbucketed.next_batch()[0] == -7).sum()) for _ in range(6))
@@ -167,6 +168,11 @@ def test_batches_are_deterministic_resumable_and_split_over_ranks():
     halves = [sft.SFTBatches(examples, 3, pad_id=0, seed=5, rank=r, world_size=2).batch(4) for r in (0, 1)]
     assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
     assert torch.equal(torch.cat([h[1] for h in halves]), whole[1])
+    # each rank reports the real tokens of its own rows; together they are the global batch's
+    ranks = [sft.SFTBatches(examples, 3, pad_id=-7, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    real = [int((loader.next_batch()[0] != -7).sum()) for loader in ranks]
+    assert [loader.last_batch_tokens for loader in ranks] == real
+    assert sum(real) == int((sft.SFTBatches(examples, 6, pad_id=-7, seed=5).batch(0)[0] != -7).sum())
 
 
 def test_eval_batches_cover_every_example_once():

@@ -40,7 +40,13 @@ class FakeEngine:
         self.closed.clear()
 
     async def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str, *, salt: str = ""
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        salt: str = "",
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self.fail is not None:
             raise self.fail

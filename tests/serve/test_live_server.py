@@ -1,4 +1,7 @@
-"""`lmforge serve` with the real engine and the default model, driven by the official openai SDK over loopback."""
+"""`lmforge serve` with the real engine and the default model, driven by the official openai SDK over loopback.
+
+These are about serving, so the server runs open (`--no-auth`); metering has its own tests (test_metered_*).
+"""
 
 import asyncio
 import json
@@ -34,7 +37,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "LMFORGE_THREADS": "2"}
         cmd = [sys.executable, "-m", "lmforge", "serve", str(model), "--served-name", "smol",
-               "--port", str(self.port), "--log-level", "warning", *args]  # fmt: skip
+               "--port", str(self.port), "--log-level", "warning", "--no-auth", *args]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

@@ -6,12 +6,14 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge import checkpoint, config_io
 from lmforge.data import chat_format, sft
+from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
 from lmforge.models.gpt import build_model
-from lmforge.models.lora import load_adapter
+from lmforge.models.lora import ADAPTER_WEIGHTS, load_adapter
 from lmforge.train import finetune
 from lmforge.train.losses import next_token_loss
 from tests.train.conftest import REPO, assert_user_error, cli, losses
@@ -115,8 +117,72 @@ def test_lora_finetune_saves_adapter_equal_to_merged_model(tmp_path, tiny_chat_m
         diff = (merged(ids) - base(ids)).abs().max()
         assert diff < 1e-4 * base(ids).abs().max(), diff
         assert not torch.allclose(merged(ids), checkpoint.load(tiny_chat_model).model(ids), atol=1e-4)
-    with pytest.raises(Exception, match="cannot be resumed"):
-        finetune.run(cfg, resume=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_lora_resume_is_bitwise_exact(tmp_path, tiny_chat_model, monkeypatch):
+    """test_resume's property for LoRA: a run stopped after its step-4 checkpoint and resumed logs steps 5..8
+    bitwise as an uninterrupted run does (LoRA dropout on, so the restored RNG state matters), and ends with
+    the same adapter and the same merged model. The model/ folder holds merged weights; A and B come back
+    from train_state/."""
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    write_data(tmp_path / "chat.jsonl")
+    settings = {"method": "lora", "lora.dropout": 0.1, "lora.target_modules": "[q_proj, v_proj, lm_head]"}
+    settings |= {"max_steps": 8, "grad_accum": 2, "checkpoint_every": 4, "eval_every": 2, "val_fraction": 0.2}
+    whole = finetune.run(config(tmp_path, tiny_chat_model, out_dir=tmp_path / "whole", **settings))
+
+    calls = 0
+
+    def stopping_loss(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 13:  # grad_accum 2: the first micro-step of step 7, past the step-4 checkpoint
+            raise Interrupted
+        return next_token_loss(model, batch)
+
+    cfg = config(tmp_path, tiny_chat_model, out_dir=tmp_path / "stopped", **settings)
+    monkeypatch.setattr(finetune, "next_token_loss", stopping_loss)
+    with pytest.raises(Interrupted):
+        finetune.run(cfg)
+    monkeypatch.setattr(finetune, "next_token_loss", next_token_loss)
+    assert [r["step"] for r in metrics(tmp_path / "stopped")] == list(range(1, 7))
+    resumed = finetune.run(cfg, resume=True)
+
+    a, b = metrics(whole.run_dir), metrics(resumed.run_dir)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"], (ra, rb)
+        assert ra.get("val_loss") == rb.get("val_loss"), (ra, rb)
+    assert whole.val_loss == resumed.val_loss
+    for name, tensor in load_file(whole.adapter_dir / ADAPTER_WEIGHTS).items():
+        assert torch.equal(tensor, load_file(resumed.adapter_dir / ADAPTER_WEIGHTS)[name]), name
+    merged_a, merged_b = (load_file(r.model_dir / "model.safetensors") for r in (whole, resumed))
+    assert all(torch.equal(merged_a[k], merged_b[k]) for k in merged_a)
+    # every step's tokens are its conversations' real tokens, padding excluded
+    assert tokens_logged(resumed.model_dir) == tokens_logged(whole.model_dir) == sft_tokens(cfg, 8)
+
+    other = config(tmp_path, tiny_chat_model, out_dir=tmp_path / "stopped", **settings | {"lora.r": 4})
+    with pytest.raises(UserError, match="trained other parameters than this run"):
+        finetune.run(other, resume=True)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tokens_logged(model_dir) -> int:
+    return json.loads((model_dir / "lmforge.json").read_text())["metrics"]["tokens"]
+
+
+def sft_tokens(cfg, steps) -> int:
+    """The non-padding tokens of the first `steps` optimizer steps of cfg's run, counted from its batches."""
+    data = finetune.load_data(cfg, checkpoint.load(cfg.init_from).tokenizer)
+    pad = -1  # an id no conversation holds, so padding is exactly the positions that equal it
+    batches = sft.SFTBatches(data.train, cfg.batch_size, pad_id=pad, seed=cfg.seed)
+    return sum(int((batches.next_batch()[0] != pad).sum()) for _ in range(steps * cfg.grad_accum))
 
 
 def test_loss_comes_from_assistant_tokens_only(smollm2, tiny_chat_model):

@@ -12,6 +12,7 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.gpt import build_model
 from lmforge.train import loop
 from lmforge.train.config import OptimConfig, TrainConfig
+from lmforge.train.logging import read_metrics
 from lmforge.train.losses import next_token_loss
 from lmforge.train.optim import lr_at, make_optimizer, param_groups
 from lmforge.train.pretrain import byte_tokenizer
@@ -134,3 +135,38 @@ def test_bf16_on_cpu_is_refused(tmp_path):
     cfg = _cfg(tmp_path, "dtype=bfloat16", "device=cpu")
     with pytest.raises(Exception, match="needs CUDA"):
         loop.train(_model(cfg), RandomBatches(), cfg, next_token_loss, tokenizer=byte_tokenizer())
+
+
+class PaddedBatches(RandomBatches):
+    """RandomBatches that report fewer real tokens than positions, as padded chat batches do."""
+
+    def next_batch(self):
+        self.last_batch_tokens = 5 + self.step
+        return super().next_batch()
+
+
+class OneSecondClock:
+    """Stands in for the loop's `time` module: every reading is one second after the last."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_tokens_and_tokens_per_s_count_real_tokens(tmp_path, monkeypatch, padded):
+    """The logged tokens/s and the tokens total count what a padding source reports; a source without padding
+    (pretraining windows) counts every position, batch x seq_len x grad_accum per step as before."""
+    cfg = _cfg(tmp_path, "max_steps=3", "grad_accum=2", "eval_every=0")
+    monkeypatch.setattr(loop, "time", OneSecondClock())  # each step then takes exactly one second
+    source = PaddedBatches if padded else RandomBatches
+    batches = source(batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+    result = loop.train(_model(cfg), batches, cfg, next_token_loss, tokenizer=byte_tokenizer())
+    per_step = [5 + 6, 7 + 8, 9 + 10] if padded else [cfg.tokens_per_step] * 3
+    assert [r["tokens_per_s"] for r in read_metrics(tmp_path / "run")] == per_step
+    assert result.state.tokens == sum(per_step)
+    saved = json.loads((tmp_path / "run" / "model" / "lmforge.json").read_text())
+    assert saved["metrics"]["tokens"] == sum(per_step)

@@ -3,26 +3,38 @@
 A request becomes one engine request per choice (prompts x n), each with id `{response id}-{choice index}`.
 Engine errors raised before the first token (queue full, draining, prompt refused) still get their HTTP status:
 a stream's response starts only once its first delta is in hand. Later errors go out as an SSE error event.
+
+Metered servers (a database in the state): every route needs an API key; a generation request is tokenised and
+planned, then admitted (its rate limits counted and its maximum cost held against the tenant's budget, one
+transaction), then generated, and settled exactly once however it ends: completed, cancelled (the client left:
+what was generated is billed), failed (an engine error: the same). The numbers billed are the `_Tally`'s, the
+ones the client is told in `usage`. The prefix cache is salted per tenant so tenants never share cached blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import TokenLogprob
-from lmforge.serve import sse
+from lmforge.serve import metering, sse
+from lmforge.serve.auth import ApiKey, check_model, require_key
+from lmforge.serve.db import Database
 from lmforge.serve.deps import ServerState, get_state
 from lmforge.serve.errors import APIError, error_for
 from lmforge.serve.generation import Choice, ChoiceDelta, merge, stream_choice
@@ -49,47 +61,72 @@ from lmforge.serve.protocol import (
 )
 
 MAX_CHOICES = 256  # engine requests one HTTP request may start (prompts x n)
+SETTLE_RETRIES_S = (0.1, 1.0, None)  # waits between attempts to settle a request (None: the last attempt)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503)
 }
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
 
-router = APIRouter()
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+async def _authenticate(request: Request) -> ApiKey | None:
+    """The caller's API key (None on an open server), left in the request's state for the x-ratelimit-*
+    headers the app adds to the response."""
+    key = None if get_state(request).db is None else await run_in_threadpool(require_key, request)
+    request.state.api_key = key
+    return key
+
+
+router = APIRouter(dependencies=[Depends(_authenticate)])
 
 
 # --- models -------------------------------------------------------------------------------------------
 
 
-def _model_card(state: ServerState) -> ModelCard:
+def _model_card(state: ServerState, lora: str | None = None) -> ModelCard:
+    """The base model's card, or (vLLM's shape) an adapter's: id `base:adapter`, parent the base."""
     info = state.engine.model_info()
+    base = state.settings.model_name
     return ModelCard(
-        id=state.settings.model_name,
+        id=base if lora is None else f"{base}:{lora}",
         created=info.created,
         owned_by=info.owned_by,
         max_model_len=info.max_seq_len,
+        root=base if lora is None else lora,
+        parent=None if lora is None else base,
     )
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
-    return ModelList(data=[_model_card(state)])
+    loras = state.engine.model_info().loras
+    return ModelList(data=[_model_card(state)] + [_model_card(state, lora) for lora in loras])
 
 
 @router.get("/v1/models/{model}", response_model=ModelCard, responses=_ERRORS)
 async def get_model(model: str, state: ServerState = Depends(get_state)) -> ModelCard:
-    _check_model(state, model)
-    return _model_card(state)
+    return _model_card(state, _check_model(state, model))
 
 
-def _check_model(state: ServerState, model: str) -> None:
-    if model != state.settings.model_name:
+def _check_model(state: ServerState, model: str) -> str | None:
+    """The LoRA adapter `model` names (`base:adapter`), None for the base model; 404 for anything else."""
+    base = state.settings.model_name
+    if model == base:
+        return None
+    loras = state.engine.model_info().loras
+    adapter = model[len(base) + 1 :] if model.startswith(base + ":") else None
+    if adapter is None or adapter not in loras:
+        served = ", ".join(f"'{name}'" for name in [base, *(f"{base}:{lora}" for lora in loras)])
         raise APIError(
             404,
-            f"The model '{model}' does not exist; this server serves '{state.settings.model_name}'.",
+            f"The model '{model}' does not exist; this server serves {served}.",
             param="model",
             code="model_not_found",
         )
+    return adapter
 
 
 # --- turning a request into engine requests -----------------------------------------------------------
@@ -174,13 +211,24 @@ async def _chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> lis
 
 
 async def _start(
-    state: ServerState, choices: list[Choice]
+    state: ServerState, choices: list[Choice], meter: _Meter | None = None
 ) -> tuple[ChoiceDelta | None, AsyncIterator[ChoiceDelta]]:
-    """Admit the engine requests and wait for the first delta, so early engine errors get their HTTP status."""
+    """Admit the engine requests and wait for the first delta, so early engine errors get their HTTP status.
+
+    A metered request is admitted by the ledger after the engine's own capacity check (a full queue refuses it
+    without spending the key's rate limit) and before the engine sees it; if the engine then refuses it, the
+    ledger row is settled as failed."""
     state.admit(len(choices))
+    if meter is not None:
+        await meter.admit()
     arrival = time.perf_counter()
     deltas = merge([stream_choice(state.engine, state.tokenizer, c, state.metrics, arrival) for c in choices])
-    return await anext(deltas, None), deltas
+    try:
+        return await anext(deltas, None), deltas
+    except BaseException as e:
+        if meter is not None:
+            await meter.ended(e)
+        raise
 
 
 async def _chain(first: ChoiceDelta | None, rest: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
@@ -229,15 +277,174 @@ class _Tally:
         state.metrics.completion_tokens.inc(usage.completion_tokens)
 
 
+async def _uncancelled(fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
+    """Run a database transaction on a worker thread and wait for its outcome even if this task is cancelled
+    meanwhile, so whether a ledger change happened is never unknown; then `undo(result)` (also waited for) and
+    raise the cancellation. anyio's shield keeps the app's own cancel scopes out (a closed stream); a plain
+    `task.cancel()` (uvicorn giving up on shutdown) still arrives, and is caught and deferred here."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, fn)
+    interrupted = False
+    with anyio.CancelScope(shield=True):
+        while True:
+            try:
+                result = await asyncio.shield(future)
+                break
+            except asyncio.CancelledError:
+                if future.cancelled():  # the executor is shutting down: nothing ran
+                    raise
+                interrupted = True
+        if interrupted and undo is not None:
+            await asyncio.wait([loop.run_in_executor(None, undo, result)])
+    if interrupted:
+        raise asyncio.CancelledError()
+    return result
+
+
+def _settle_unused(db: Database, admission: metering.Admission) -> None:
+    metering.settle(db, admission, prompt_tokens=0, completion_tokens=0, status="cancelled")
+
+
+@dataclass
+class _Meter:
+    """A metered request's ledger row. `admit` counts the request against its key's rate limits and holds its
+    maximum cost (every prompt once, every choice's max_tokens) against the tenant's budget before the engine
+    sees it; `settle` bills the tally's numbers, the ones the client is told in `usage`, exactly once."""
+
+    request: Request
+    state: ServerState
+    key: ApiKey
+    model: str
+    choices: list[Choice]
+    tally: _Tally
+    admission: metering.Admission | None = None
+    settled: bool = False
+
+    async def admit(self) -> None:
+        db, key = self.state.db, self.key
+        admit = partial(
+            metering.admit,
+            db,
+            key,
+            self.model,
+            request_id=self.choices[0].request_id.rsplit("-", 1)[0],  # the response id the client sees
+            prompt_tokens=sum(len(c.prompt_ids) for c in self.choices[:: self.tally.n]),
+            max_completion_tokens=sum(c.params.max_tokens for c in self.choices),
+            instance_id=self.state.instance_id,
+        )
+        # admitted, but cancelled meanwhile: nothing will run, so the hold goes back at once
+        undo = partial(_settle_unused, db)
+        self.admission = await _uncancelled(admit, undo)
+        self.request.state.ratelimit_headers = self.admission.headers
+
+    async def settle(self, status: str, error: str | None = None) -> None:
+        """Bill the tally. The client has its answer whatever happens here, so a database that fails is retried
+        (settling twice is a no-op) and then logged, never turned into an error response."""
+        if self.admission is None or self.settled:
+            return
+        self.settled = True
+        usage = self.tally.usage()
+        settle = partial(
+            metering.settle,
+            self.state.db,
+            self.admission,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            status=status,
+            error=error,
+        )
+        for wait in SETTLE_RETRIES_S:
+            try:
+                await _uncancelled(settle)
+                return
+            except Exception:
+                if wait is None:
+                    log.exception(
+                        "could not settle request %s: its row stays pending", self.admission.request_id
+                    )
+                    return
+                log.warning("settling request %s failed; retrying in %s s", self.admission.request_id, wait)
+                with anyio.CancelScope(shield=True):
+                    await asyncio.sleep(wait)
+
+    async def ended(self, exc: BaseException | None) -> None:
+        """Settle by how the request ended: normally, by an engine error, or cancelled (the client left)."""
+        if exc is None:
+            await self.settle("completed")
+        elif isinstance(exc, Exception):
+            await self.settle("failed", f"{type(exc).__name__}: {exc}"[:500])
+        else:
+            await self.settle("cancelled")
+
+
+def _meter(
+    request: Request, state: ServerState, key: ApiKey | None, model: str, choices: list[Choice], tally: _Tally
+) -> _Meter | None:
+    return None if key is None or state.db is None else _Meter(request, state, key, model, choices, tally)
+
+
+def _salt(key: ApiKey | None) -> str:
+    """The tenant's prefix-cache namespace: cached prompt blocks are never shared across tenants."""
+    return "" if key is None else f"tenant:{key.tenant_id}"
+
+
+class _SettledSSE(sse.SSEResponse):
+    """An SSE response that runs `on_end` however it ends (finished, client gone, cancelled)."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_end: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events)
+        self._on_end = on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_end()
+
+
+def _stream_response(
+    state: ServerState,
+    events: AsyncIterator[bytes],
+    first: ChoiceDelta | None,
+    deltas: AsyncIterator[ChoiceDelta],
+    tally: _Tally,
+    meter: _Meter | None,
+) -> Response:
+    """Stream `events`. If the client leaves before the response starts, the events never begin, so their own
+    cleanup never runs: then the engine requests are aborted here and what they generated (the first delta) is
+    recorded and billed as cancelled."""
+    began = False
+
+    async def tracked() -> AsyncIterator[bytes]:
+        nonlocal began
+        began = True
+        async with aclosing(events):
+            async for chunk in events:
+                yield chunk
+
+    async def on_end() -> None:
+        if not began:
+            await deltas.aclose()
+            if first is not None:
+                tally.add(first)
+            tally.record(state)
+        if meter is not None:
+            await meter.settle("cancelled")  # a no-op once the events settled it
+
+    return _SettledSSE(tracked(), on_end)
+
+
 async def _collect(
     request: Request,
     state: ServerState,
     first: ChoiceDelta | None,
     deltas: AsyncIterator[ChoiceDelta],
     tally: _Tally,
+    meter: _Meter | None = None,
 ) -> bool:
     """Run a non-streamed request to the end; False if the client left first (its engine requests are aborted,
-    and what was generated is still recorded)."""
+    and what was generated is still recorded and billed)."""
 
     async def consume() -> None:
         async for d in _chain(first, deltas):
@@ -249,17 +456,28 @@ async def _collect(
             pass
 
     work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
+    outcome: BaseException | None = asyncio.CancelledError()  # how it ended, for the ledger
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             work.result()  # re-raise an engine error
+            outcome = None
             return True
         work.cancel()  # unwinding the generators aborts the engine requests (shielded)
         await asyncio.gather(work, return_exceptions=True)
         return False
+    except Exception as e:
+        outcome = e
+        raise
     finally:
         watch.cancel()
+        if not work.done():  # this task itself was cancelled: stop generating before billing
+            work.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(work, return_exceptions=True)
         tally.record(state)
+        if meter is not None:
+            await meter.ended(outcome)
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -301,12 +519,18 @@ def _completion_logprobs(
     response_model=Completion,
     responses={**_ERRORS, 200: {"content": _STREAM}},
 )
-async def create_completion(body: CompletionRequest, request: Request) -> Response:
+async def create_completion(
+    body: CompletionRequest, request: Request, key: ApiKey | None = Depends(_authenticate)
+) -> Response:
     state = get_state(request)
-    _check_model(state, body.model)
-    choices = _plan(state, body, await _completion_prompts(body.prompt, state), "prompt")
-    first, deltas = await _start(state, choices)
+    lora = _check_model(state, body.model)
+    if key is not None:
+        check_model(key, body.model)
+    prompts = await _completion_prompts(body.prompt, state)
+    choices = _plan(state, body, prompts, "prompt", salt=_salt(key), lora=lora)
     tally = _Tally(body.num_choices, len(choices))
+    meter = _meter(request, state, key, body.model, choices, tally)
+    first, deltas = await _start(state, choices, meter)
     response_id, created = choices[0].request_id.rsplit("-", 1)[0], int(time.time())
     want_logprobs = choices[0].params.logprobs is not None
 
@@ -314,7 +538,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         return Completion(id=response_id, created=created, model=body.model, choices=items, usage=usage)
 
     if not body.stream:
-        if not await _collect(request, state, first, deltas, tally):
+        if not await _collect(request, state, first, deltas, tally, meter):
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         items = [
             CompletionChoice(
@@ -333,27 +557,33 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
     async def events() -> AsyncIterator[bytes]:
         offsets = dict.fromkeys(range(len(choices)), 0)
+        outcome: BaseException | None = asyncio.CancelledError()  # until the end is reached: the client left
         try:
-            async for d in _chain(first, deltas):
-                tally.add(d)
-                logprobs = None
-                if want_logprobs:
-                    logprobs = _completion_logprobs(state.tokenizer, d.logprobs, offsets[d.index])
-                    offsets[d.index] += sum(len(t) for t in logprobs.tokens)
-                if d.text or d.logprobs or d.finish_reason:
-                    item = CompletionChoice(
-                        index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason
-                    )
-                    yield sse.event(completion([item], None).model_dump(exclude=exclude))
+            async with aclosing(_chain(first, deltas)) as stream:
+                async for d in stream:
+                    tally.add(d)
+                    logprobs = None
+                    if want_logprobs:
+                        logprobs = _completion_logprobs(state.tokenizer, d.logprobs, offsets[d.index])
+                        offsets[d.index] += sum(len(t) for t in logprobs.tokens)
+                    if d.text or d.logprobs or d.finish_reason:
+                        item = CompletionChoice(
+                            index=d.index, text=d.text, logprobs=logprobs, finish_reason=d.finish_reason
+                        )
+                        yield sse.event(completion([item], None).model_dump(exclude=exclude))
+            outcome = None
             if body.include_usage:
                 yield sse.event(completion([], tally.usage()).model_dump())
         except Exception as e:
+            outcome = e
             yield sse.event({"error": error_for(e)[1].model_dump()})
         finally:
             tally.record(state)
+            if meter is not None:
+                await meter.ended(outcome)
         yield sse.DONE
 
-    return sse.SSEResponse(events())
+    return _stream_response(state, events(), first, deltas, tally, meter)
 
 
 # --- chat completions ---------------------------------------------------------------------------------
@@ -364,17 +594,23 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     response_model=ChatCompletion,
     responses={**_ERRORS, 200: {"content": _STREAM}},
 )
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, key: ApiKey | None = Depends(_authenticate)
+) -> Response:
     state = get_state(request)
-    _check_model(state, body.model)
-    choices = _plan(state, body, [await _chat_prompt(body, state.tokenizer)], "messages")
-    first, deltas = await _start(state, choices)
+    lora = _check_model(state, body.model)
+    if key is not None:
+        check_model(key, body.model)
+    prompt = await _chat_prompt(body, state.tokenizer)
+    choices = _plan(state, body, [prompt], "messages", salt=_salt(key), lora=lora)
     tally = _Tally(body.num_choices, len(choices))
+    meter = _meter(request, state, key, body.model, choices, tally)
+    first, deltas = await _start(state, choices, meter)
     response_id, created = choices[0].request_id.rsplit("-", 1)[0], int(time.time())
     want_logprobs = choices[0].params.logprobs is not None
 
     if not body.stream:
-        if not await _collect(request, state, first, deltas, tally):
+        if not await _collect(request, state, first, deltas, tally, meter):
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         items = [
             ChatChoice(
@@ -399,26 +635,31 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         return sse.event(c.model_dump(exclude=exclude if usage is None else None))
 
     async def events() -> AsyncIterator[bytes]:
+        outcome: BaseException | None = asyncio.CancelledError()  # until the end is reached: the client left
         try:
             for i in range(len(choices)):  # OpenAI opens every choice with the role
                 yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-            async for d in _chain(first, deltas):
-                tally.add(d)
-                if d.text or d.logprobs:
-                    logprobs = _chat_logprobs(state.tokenizer, d.logprobs) if want_logprobs else None
-                    yield chunk(
-                        [ChatChunkChoice(index=d.index, delta=ChatDelta(content=d.text), logprobs=logprobs)]
-                    )
-                if d.finish_reason:  # OpenAI closes each choice with an empty delta and the reason
-                    yield chunk(
-                        [ChatChunkChoice(index=d.index, delta=ChatDelta(), finish_reason=d.finish_reason)]
-                    )
+            async with aclosing(_chain(first, deltas)) as stream:
+                async for d in stream:
+                    tally.add(d)
+                    if d.text or d.logprobs:
+                        logprobs = _chat_logprobs(state.tokenizer, d.logprobs) if want_logprobs else None
+                        delta = ChatDelta(content=d.text)
+                        yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs)])
+                    if d.finish_reason:  # OpenAI closes each choice with an empty delta and the reason
+                        yield chunk(
+                            [ChatChunkChoice(index=d.index, delta=ChatDelta(), finish_reason=d.finish_reason)]
+                        )
+            outcome = None
             if body.include_usage:
                 yield chunk([], tally.usage())
         except Exception as e:
+            outcome = e
             yield sse.event({"error": error_for(e)[1].model_dump()})
         finally:
             tally.record(state)
+            if meter is not None:
+                await meter.ended(outcome)
         yield sse.DONE
 
-    return sse.SSEResponse(events())
+    return _stream_response(state, events(), first, deltas, tally, meter)

@@ -1,0 +1,930 @@
+"""Metering: rate limits, budget holds and the usage ledger; prices and budgets; usage reports.
+
+The request path is two write transactions around generation:
+
+    admit()   rate window +1 request, +(prompt + max_tokens) tokens     -> RateLimited if over RPM/TPM
+              tenant's month: reserved += the request's maximum cost   -> QuotaExceeded if over the budget
+              a 'pending' ledger row
+    settle()  ledger row -> completed | cancelled | failed, with the tokens the client was told
+              month: the hold moves to spent (the actual cost); the TPM window gets the unused tokens back
+
+Each check-and-charge is ONE conditional upsert (`INSERT .. ON CONFLICT DO UPDATE .. WHERE <still fits>
+RETURNING`), atomic on SQLite (one writer at a time) and on PostgreSQL (the conflicting row is locked and the
+WHERE re-checked on its newest version), so limits hold across any number of server processes with no
+per-process counter as the source of truth. A refusal rolls the whole transaction back: nothing is consumed.
+`tenant_months` keeps running totals in the same transactions as the ledger, so that
+spent = sum(cost of settled rows) and reserved = sum(holds of pending rows) at every commit.
+
+Lock order (PostgreSQL deadlock freedom): ledger row, then rate window, then tenant month, everywhere.
+
+A server process that dies leaves pending rows; `reconcile_stale` (at start-up and on every heartbeat, by any
+live process) fails the rows of processes that stopped heartbeating and releases their holds.
+
+Money is integers: prices in micro-USD per million tokens, costs in picodollars, so
+`cost = prompt_tokens * input_price + completion_tokens * output_price` exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from lmforge.errors import UserError
+from lmforge.serve.auth import ApiKey, get_tenant
+from lmforge.serve.db import (
+    Database,
+    UTCDateTime,
+    api_keys,
+    budgets,
+    instances,
+    prices,
+    rate_windows,
+    tenant_months,
+    tenants,
+    usage,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+PUSD_PER_USD = 10**12
+WINDOW = timedelta(seconds=60)
+PENDING = "pending"
+FINAL_STATUSES = ("completed", "cancelled", "failed")
+STALE_ERROR = "server stopped before the request finished"
+
+
+# --------------------------------------------------------------------------------------- money and months
+
+
+def parse_usd(value: str | Decimal | int, *, places: int, what: str) -> int:
+    """Decimal dollars -> an integer count of 10**-places dollars; UserError for anything else."""
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise UserError(f"{what} must be an amount in dollars like 0.15, got {value!r}") from None
+    if not amount.is_finite():
+        raise UserError(f"{what} must be a finite amount in dollars, got {value!r}")
+    if amount < 0:
+        raise UserError(f"{what} cannot be negative, got {value}")
+    scaled = amount.scaleb(places)
+    if scaled != scaled.to_integral_value():
+        raise UserError(f"{what} has more than {places} decimal places: {value}")
+    return int(scaled)
+
+
+def format_usd(pusd: int) -> str:
+    """Picodollars as exact decimal dollars, at least 2 decimals: 123_000_000 -> "0.000123", 0 -> "0.00"."""
+    text = f"{Decimal(pusd).scaleb(-12):.12f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+def format_price(uusd_per_mtok: int) -> str:
+    """Micro-USD per million tokens as dollars per million tokens: 150_000 -> "0.15"."""
+    return format_usd(uusd_per_mtok * 10**6)
+
+
+_MONTH = re.compile(r"(\d{4})-(\d{2})")
+
+
+def parse_month(text: str) -> str:
+    m = _MONTH.fullmatch(text.strip())
+    if m is None or not 1 <= int(m.group(2)) <= 12 or int(m.group(1)) < 1970:
+        raise UserError(f"a month is YYYY-MM (e.g. 2026-11), got {text!r}")
+    return text.strip()
+
+
+def month_of(when: datetime) -> str:
+    return f"{when.astimezone(UTC):%Y-%m}"
+
+
+def month_range(month: str) -> tuple[datetime, datetime]:
+    """[first instant, first instant of the next month) in UTC."""
+    year, mon = (int(p) for p in parse_month(month).split("-"))
+    start = datetime(year, mon, 1, tzinfo=UTC)
+    end = datetime(year + mon // 12, mon % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+def parse_when(text: str, *, what: str, end_of_day: bool = False) -> datetime:
+    """A UTC instant from `YYYY-MM-DD` or ISO 8601 (a bare date or time is UTC). With `end_of_day`, a bare date
+    means "through that day": the instant the next day begins."""
+    text = text.strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            when = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
+            return when + timedelta(days=1) if end_of_day else when
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"{what} must be a date YYYY-MM-DD or an ISO 8601 time, got {text!r}") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _upsert(table: sa.Table, conn: sa.Connection, **values: Any) -> Any:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).values(**values)
+
+
+# ------------------------------------------------------------------------------------------- the hot path
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admitted request: what settle() needs to close its ledger row and give back its holds."""
+
+    usage_id: int
+    request_id: str
+    key: ApiKey
+    model: str
+    reserved_pusd: int
+    reserved_tokens: int
+    headers: dict[str, str]  # x-ratelimit-* after this request was counted
+    month: str  # the budget month the hold was taken from (the month the request started in)
+    started_at: datetime
+    input_uusd_per_mtok: int  # the prices in force when the request started: the ones it is billed at
+    output_uusd_per_mtok: int
+    window_start: datetime | None  # the rate window charged; None for a key without limits
+
+
+class RateLimited(Exception):
+    """RPM or TPM exceeded: HTTP 429, code "rate_limit_exceeded", with Retry-After in `headers`."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, headers: dict[str, str], *, type: str = "requests") -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers
+        self.type = type  # "requests" | "tokens" (OpenAI's error type for rate limits)
+
+
+class QuotaExceeded(Exception):
+    """The tenant's monthly budget would be exceeded: HTTP 429, code "insufficient_quota", never retried."""
+
+    status = 429
+    code = "insufficient_quota"
+    type = "insufficient_quota"
+
+    def __init__(self, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format, whole seconds rounded up: 12 -> "12s", 60 -> "1m0s"."""
+    s = max(0, math.ceil(seconds - 1e-9))
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+def _headers(key: ApiKey, window_start: datetime | None, requests: int, tokens: int, now: datetime) -> dict:
+    if window_start is None or window_start + WINDOW <= now:
+        requests, tokens, reset = 0, 0, 0.0
+    else:
+        reset = (window_start + WINDOW - now).total_seconds()
+    headers = {}
+    if key.rpm is not None:
+        headers["x-ratelimit-limit-requests"] = str(key.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, key.rpm - requests))
+        headers["x-ratelimit-reset-requests"] = _duration(reset)
+    if key.tpm is not None:
+        headers["x-ratelimit-limit-tokens"] = str(key.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - tokens))
+        headers["x-ratelimit-reset-tokens"] = _duration(reset)
+    return headers
+
+
+def ratelimit_headers(db: Database, key: ApiKey, now: datetime | None = None) -> dict[str, str]:
+    """The key's x-ratelimit-* headers as things stand (read-only); {} for a key without limits."""
+    if key.rpm is None and key.tpm is None:
+        return {}
+    now = now or utcnow()
+    with db.read() as conn:
+        row = conn.execute(sa.select(rate_windows).where(rate_windows.c.key_id == key.id)).first()
+    if row is None:
+        return _headers(key, None, 0, 0, now)
+    return _headers(key, row.window_start, row.requests, row.tokens, now)
+
+
+def _rate_limited(key: ApiKey, row: Any, tokens: int, now: datetime) -> RateLimited:
+    headers = _headers(key, row.window_start, row.requests, row.tokens, now)
+    wait = _duration((row.window_start + WINDOW - now).total_seconds())
+    headers["retry-after"] = str(max(1, math.ceil((row.window_start + WINDOW - now).total_seconds())))
+    if key.rpm is not None and row.requests + 1 > key.rpm:
+        message = (
+            f"Rate limit reached for requests per minute (RPM) on API key {key.prefix}...: "
+            f"Limit {key.rpm}, Used {row.requests}, Requested 1. Please try again in {wait}."
+        )
+        return RateLimited(message, headers, type="requests")
+    message = (
+        f"Rate limit reached for tokens per minute (TPM) on API key {key.prefix}...: Limit {key.tpm}, "
+        f"Used {row.tokens}, Requested {tokens}. Please try again in {wait}."
+    )
+    return RateLimited(message, headers, type="tokens")
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """The hot path's statements, built once per dialect and run with parameters: building a Core statement
+    costs about ten times more than running a built one (measured: 2 ms vs 0.2 ms for the window upsert)."""
+
+    charge_window: Any
+    lookup: Any
+    reserve: Any
+    reserve_within: Any
+    insert_pending: Any
+    close_row: Any
+    refund_tokens: Any
+    settle_month: Any
+
+
+NO_RPM = 2**31 - 1  # stands for "no limit" in the window upsert's WHERE (the column is an INTEGER)
+NO_TPM = 2**62
+
+
+@functools.cache
+def _statements(dialect: str) -> _Statements:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    B = sa.bindparam
+    now = B("p_now", type_=UTCDateTime)
+    tenant_id, month = B("p_tenant_id", type_=sa.Integer), B("p_month", type_=sa.String)
+
+    rw = rate_windows
+    window = insert(rw).values(
+        key_id=B("p_key_id", type_=sa.Integer),
+        window_start=now,
+        requests=1,
+        tokens=B("p_tokens", type_=sa.BigInteger),
+    )
+    expired = rw.c.window_start <= B("p_cutoff", type_=UTCDateTime)  # the window is 60 s old: a new one opens
+    fits = sa.and_(
+        rw.c.requests + 1 <= B("p_rpm", type_=sa.Integer),
+        rw.c.tokens + window.excluded.tokens <= B("p_tpm", type_=sa.BigInteger),
+    )
+    charge_window = window.on_conflict_do_update(
+        index_elements=[rw.c.key_id],
+        set_={
+            "window_start": sa.case((expired, window.excluded.window_start), else_=rw.c.window_start),
+            "requests": sa.case((expired, 1), else_=rw.c.requests + 1),
+            "tokens": sa.case((expired, window.excluded.tokens), else_=rw.c.tokens + window.excluded.tokens),
+        },
+        where=sa.or_(expired, fits),
+    ).returning(rw.c.window_start, rw.c.requests, rw.c.tokens)
+
+    price = (
+        sa.select(prices.c.input_uusd_per_mtok, prices.c.output_uusd_per_mtok)
+        .where(prices.c.model == B("p_model", type_=sa.String), prices.c.effective_from <= now)
+        .order_by(prices.c.effective_from.desc())
+        .limit(1)
+        .subquery()
+    )
+    lookup = sa.select(
+        sa.select(price.c.input_uusd_per_mtok).scalar_subquery(),
+        sa.select(price.c.output_uusd_per_mtok).scalar_subquery(),
+        sa.select(budgets.c.limit_pusd)
+        .where(budgets.c.tenant_id == tenant_id, budgets.c.month == month)
+        .scalar_subquery(),
+    )
+
+    tm = tenant_months
+    hold = insert(tm).values(
+        tenant_id=tenant_id, month=month, spent_pusd=0, reserved_pusd=B("p_hold", type_=sa.BigInteger)
+    )
+    grow = {"reserved_pusd": tm.c.reserved_pusd + hold.excluded.reserved_pusd}
+    reserve = hold.on_conflict_do_update(index_elements=[tm.c.tenant_id, tm.c.month], set_=grow)
+    reserve_within = hold.on_conflict_do_update(
+        index_elements=[tm.c.tenant_id, tm.c.month],
+        set_=grow,
+        where=tm.c.spent_pusd + tm.c.reserved_pusd + hold.excluded.reserved_pusd
+        <= B("p_limit", type_=sa.BigInteger),
+    ).returning(tm.c.reserved_pusd)
+
+    insert_pending = (
+        sa.insert(usage)
+        .values(
+            request_id=B("p_request_id", type_=sa.String),
+            tenant_id=tenant_id,
+            key_id=B("p_key_id", type_=sa.Integer),
+            model=B("p_model", type_=sa.String),
+            status=PENDING,
+            prompt_tokens=B("p_prompt", type_=sa.Integer),
+            completion_tokens=0,
+            cost_pusd=0,
+            reserved_pusd=B("p_hold", type_=sa.BigInteger),
+            input_uusd_per_mtok=B("p_in", type_=sa.BigInteger),
+            output_uusd_per_mtok=B("p_out", type_=sa.BigInteger),
+            started_at=now,
+            instance_id=B("p_instance", type_=sa.String),
+        )
+        .returning(usage.c.id)
+    )
+
+    close_row = (
+        sa.update(usage)
+        .where(usage.c.id == B("p_usage_id", type_=sa.BigInteger), usage.c.status == PENDING)
+        .values(
+            status=B("p_status", type_=sa.String),
+            prompt_tokens=B("p_prompt", type_=sa.Integer),
+            completion_tokens=B("p_completion", type_=sa.Integer),
+            cost_pusd=B("p_cost", type_=sa.BigInteger),
+            reserved_pusd=0,
+            finished_at=now,
+            error=B("p_error", type_=sa.Text),
+        )
+    )
+    unused = B("p_unused", type_=sa.BigInteger)
+    refund_tokens = (
+        sa.update(rw)
+        .where(
+            rw.c.key_id == B("p_key_id", type_=sa.Integer),
+            rw.c.window_start == B("p_window_start", type_=UTCDateTime),
+            rw.c.tokens >= unused,
+        )
+        .values(tokens=rw.c.tokens - unused)
+    )
+    spend = insert(tm).values(
+        tenant_id=tenant_id, month=month, spent_pusd=B("p_cost", type_=sa.BigInteger), reserved_pusd=0
+    )
+    settle_month = spend.on_conflict_do_update(
+        index_elements=[tm.c.tenant_id, tm.c.month],
+        set_={
+            "spent_pusd": tm.c.spent_pusd + spend.excluded.spent_pusd,
+            "reserved_pusd": tm.c.reserved_pusd - B("p_hold", type_=sa.BigInteger),
+        },
+    )
+    return _Statements(
+        charge_window, lookup, reserve, reserve_within, insert_pending, close_row, refund_tokens, settle_month
+    )
+
+
+def admit(
+    db: Database,
+    key: ApiKey,
+    model: str,
+    *,
+    request_id: str,
+    prompt_tokens: int,
+    max_completion_tokens: int,
+    instance_id: str | None,
+    now: datetime | None = None,
+) -> Admission:
+    """Admit a request in ONE transaction (rate window, budget hold, pending ledger row), or raise RateLimited /
+    QuotaExceeded having consumed nothing."""
+    if prompt_tokens < 0 or max_completion_tokens < 0:
+        raise ValueError(f"negative token counts: {prompt_tokens}, {max_completion_tokens}")
+    now = now or utcnow()
+    month = month_of(now)
+    tokens = prompt_tokens + max_completion_tokens
+    if key.tpm is not None and tokens > key.tpm:
+        headers = ratelimit_headers(db, key, now) | {"x-should-retry": "false"}
+        raise RateLimited(
+            f"Request too large for API key {key.prefix}...: it may use {tokens} tokens (prompt + max_tokens) "
+            f"but the key's limit is {key.tpm} tokens per minute. Lower max_tokens or shorten the prompt.",
+            headers,
+            type="tokens",
+        )
+    q = _statements(db.dialect)
+    with db.write() as conn:
+        window = None
+        if key.rpm is not None or key.tpm is not None:
+            window = conn.execute(
+                q.charge_window,
+                {
+                    "p_key_id": key.id,
+                    "p_now": now,
+                    "p_cutoff": now - WINDOW,
+                    "p_tokens": tokens,
+                    "p_rpm": NO_RPM if key.rpm is None else key.rpm,
+                    "p_tpm": NO_TPM if key.tpm is None else key.tpm,
+                },
+            ).first()
+            if window is None:
+                current = conn.execute(sa.select(rate_windows).where(rate_windows.c.key_id == key.id)).one()
+                raise _rate_limited(key, current, tokens, now)
+        in_price, out_price, limit = conn.execute(
+            q.lookup, {"p_model": model, "p_now": now, "p_tenant_id": key.tenant_id, "p_month": month}
+        ).one()
+        in_price, out_price = in_price or 0, out_price or 0
+        hold = prompt_tokens * in_price + max_completion_tokens * out_price
+        if hold:
+            args = {"p_tenant_id": key.tenant_id, "p_month": month, "p_hold": hold}
+            if limit is None:
+                conn.execute(q.reserve, args)
+            elif hold > limit or conn.execute(q.reserve_within, args | {"p_limit": limit}).first() is None:
+                raise _quota_exceeded(conn, key, month, hold, limit, window, tokens, now)
+        try:
+            usage_id = conn.execute(
+                q.insert_pending,
+                {
+                    "p_request_id": request_id,
+                    "p_tenant_id": key.tenant_id,
+                    "p_key_id": key.id,
+                    "p_model": model,
+                    "p_prompt": prompt_tokens,
+                    "p_hold": hold,
+                    "p_in": in_price,
+                    "p_out": out_price,
+                    "p_now": now,
+                    "p_instance": instance_id,
+                },
+            ).scalar_one()
+        except sa.exc.IntegrityError:
+            raise ValueError(f"request id {request_id!r} is already in the ledger") from None
+    if window is None:
+        headers = {}
+    else:
+        headers = _headers(key, window.window_start, window.requests, window.tokens, now)
+    return Admission(
+        usage_id=usage_id,
+        request_id=request_id,
+        key=key,
+        model=model,
+        reserved_pusd=hold,
+        reserved_tokens=tokens,
+        headers=headers,
+        month=month,
+        started_at=now,
+        input_uusd_per_mtok=in_price,
+        output_uusd_per_mtok=out_price,
+        window_start=None if window is None else window.window_start,
+    )
+
+
+def _quota_exceeded(
+    conn: sa.Connection,
+    key: ApiKey,
+    month: str,
+    hold: int,
+    limit: int,
+    window: Any,
+    tokens: int,
+    now: datetime,
+) -> QuotaExceeded:
+    tm = tenant_months
+    row = conn.execute(sa.select(tm).where(tm.c.tenant_id == key.tenant_id, tm.c.month == month)).first()
+    spent, reserved = (row.spent_pusd, row.reserved_pusd) if row is not None else (0, 0)
+    headers = {"x-should-retry": "false"}
+    if window is not None:  # as if this request had not been counted (the transaction rolls back)
+        headers |= _headers(key, window.window_start, window.requests - 1, window.tokens - tokens, now)
+    return QuotaExceeded(
+        f"You exceeded your current quota: the budget of tenant '{key.tenant}' for {month} is "
+        f"${format_usd(limit)}, ${format_usd(spent)} is spent and ${format_usd(reserved)} is held by running "
+        f"requests, and this request may cost up to ${format_usd(hold)}. Ask your administrator to raise the "
+        "budget, or lower max_tokens.",
+        headers,
+    )
+
+
+def settle(
+    db: Database,
+    admission: Admission,
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    status: str,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Close the request's ledger row with the tokens the client was told, in ONE transaction; the hold moves to
+    spent as the actual cost and unused TPM tokens go back to the window. A second call is a no-op."""
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
+    if prompt_tokens < 0 or completion_tokens < 0:
+        raise ValueError(f"negative token counts: {prompt_tokens}, {completion_tokens}")
+    a = admission
+    now = now or utcnow()
+    cost = prompt_tokens * a.input_uusd_per_mtok + completion_tokens * a.output_uusd_per_mtok
+    if cost > a.reserved_pusd:
+        log.warning(
+            "request %s cost %d pUSD, more than the %d pUSD held (%d+%d tokens, %d reserved)",
+            a.request_id,
+            cost,
+            a.reserved_pusd,
+            prompt_tokens,
+            completion_tokens,
+            a.reserved_tokens,
+        )
+    q = _statements(db.dialect)
+    with db.write() as conn:
+        closed = conn.execute(
+            q.close_row,
+            {
+                "p_usage_id": a.usage_id,
+                "p_status": status,
+                "p_prompt": prompt_tokens,
+                "p_completion": completion_tokens,
+                "p_cost": cost,
+                "p_now": now,
+                "p_error": error,
+            },
+        ).rowcount
+        if not closed:
+            return  # settled before, or failed by reconcile_stale: its hold is already released
+        unused = a.reserved_tokens - prompt_tokens - completion_tokens
+        if a.window_start is not None and a.key.tpm is not None and unused > 0:
+            conn.execute(
+                q.refund_tokens, {"p_key_id": a.key.id, "p_window_start": a.window_start, "p_unused": unused}
+            )
+        if cost or a.reserved_pusd:
+            conn.execute(
+                q.settle_month,
+                {
+                    "p_tenant_id": a.key.tenant_id,
+                    "p_month": a.month,
+                    "p_cost": cost,
+                    "p_hold": a.reserved_pusd,
+                },
+            )
+
+
+# -------------------------------------------------------------------------------------- server processes
+
+
+def register_instance(db: Database, now: datetime | None = None) -> str:
+    """Register this server process; returns its id (stamped on its ledger rows)."""
+    now = now or utcnow()
+    instance_id = f"{socket.gethostname()[:60]}-{os.getpid()}-{secrets.token_hex(4)}"
+    with db.write() as conn:
+        conn.execute(sa.insert(instances).values(id=instance_id, started_at=now, heartbeat_at=now))
+    return instance_id
+
+
+def heartbeat(db: Database, instance_id: str, now: datetime | None = None) -> None:
+    """Say the process is alive (re-registering it if a reconcile had given it up for dead)."""
+    now = now or utcnow()
+    with db.write() as conn:
+        stmt = _upsert(instances, conn, id=instance_id, started_at=now, heartbeat_at=now)
+        conn.execute(stmt.on_conflict_do_update(index_elements=[instances.c.id], set_={"heartbeat_at": now}))
+
+
+def unregister_instance(db: Database, instance_id: str) -> None:
+    """A clean shutdown: forget the process (any request it left pending is reconciled at once)."""
+    with db.write() as conn:
+        conn.execute(sa.delete(instances).where(instances.c.id == instance_id))
+
+
+def reconcile_stale(db: Database, *, stale_after_s: float, now: datetime | None = None) -> int:
+    """Fail the pending requests of processes silent for `stale_after_s` (or unregistered) and release their
+    holds: the client never got an answer, so nothing is billed. Returns how many rows it closed."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=stale_after_s)
+    live = sa.select(instances.c.id).where(instances.c.heartbeat_at > cutoff)
+    with db.write() as conn:
+        candidates = conn.execute(
+            sa.select(usage.c.id, usage.c.tenant_id, usage.c.started_at, usage.c.reserved_pusd).where(
+                usage.c.status == PENDING,
+                sa.or_(usage.c.instance_id.is_(None), usage.c.instance_id.not_in(live)),
+            )
+        ).all()
+        if candidates:
+            closed = set(
+                conn.execute(
+                    sa.update(usage)
+                    .where(usage.c.id.in_([c.id for c in candidates]), usage.c.status == PENDING)
+                    .values(
+                        status="failed",
+                        error=STALE_ERROR,
+                        prompt_tokens=0,
+                        completion_tokens=0,
+                        cost_pusd=0,
+                        reserved_pusd=0,
+                        finished_at=now,
+                    )
+                    .returning(usage.c.id)
+                ).scalars()
+            )
+            released: dict[tuple[int, str], int] = {}
+            for c in candidates:
+                if c.id in closed and c.reserved_pusd:
+                    month = (c.tenant_id, month_of(c.started_at))
+                    released[month] = released.get(month, 0) + c.reserved_pusd
+            tm = tenant_months
+            for (tenant_id, month), amount in sorted(released.items()):
+                conn.execute(
+                    sa.update(tm)
+                    .where(tm.c.tenant_id == tenant_id, tm.c.month == month)
+                    .values(reserved_pusd=tm.c.reserved_pusd - amount)
+                )
+        else:
+            closed = set()
+        conn.execute(sa.delete(instances).where(instances.c.heartbeat_at <= cutoff))
+    if closed:
+        log.warning("released %d request(s) left pending by stopped server processes", len(closed))
+    return len(closed)
+
+
+# ---------------------------------------------------------------------------------------- prices, budgets
+
+
+@dataclass(frozen=True)
+class Price:
+    model: str
+    effective_from: datetime
+    input_uusd_per_mtok: int
+    output_uusd_per_mtok: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    tenant: str
+    month: str
+    limit_pusd: int | None  # None = no budget (unlimited)
+    spent_pusd: int = 0
+    reserved_pusd: int = 0
+
+
+def set_price(
+    db: Database,
+    model: str,
+    *,
+    input_usd: str | Decimal | int,
+    output_usd: str | Decimal | int,
+    effective_from: datetime | None = None,
+    now: datetime | None = None,
+) -> Price:
+    """Set `model`'s price in dollars per million prompt / completion tokens (at most 6 decimals), from now or
+    from a future instant. Requests keep the price in force when they started, so history is never rewritten
+    (an effective date in the past is refused)."""
+    model = model.strip()
+    if not model:
+        raise UserError("the price needs a model name")
+    in_price = parse_usd(input_usd, places=6, what="the input price")
+    out_price = parse_usd(output_usd, places=6, what="the output price")
+    now = now or utcnow()
+    if effective_from is None:
+        effective_from = now
+    elif effective_from.tzinfo is None:
+        raise UserError("the effective date needs a timezone")
+    elif effective_from < now - timedelta(seconds=1):
+        raise UserError(
+            f"the effective date {effective_from.isoformat()} is in the past; prices apply from now or later"
+        )
+    effective_from = effective_from.astimezone(UTC)
+    with db.write() as conn:
+        stmt = _upsert(
+            prices,
+            conn,
+            model=model,
+            effective_from=effective_from,
+            input_uusd_per_mtok=in_price,
+            output_uusd_per_mtok=out_price,
+        )
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[prices.c.model, prices.c.effective_from],
+                set_={"input_uusd_per_mtok": in_price, "output_uusd_per_mtok": out_price},
+            )
+        )
+    return Price(model, effective_from, in_price, out_price)
+
+
+def list_prices(db: Database, model: str | None = None) -> list[Price]:
+    """Every price row (history and scheduled changes), by model then date."""
+    query = sa.select(prices).order_by(prices.c.model, prices.c.effective_from)
+    if model is not None:
+        query = query.where(prices.c.model == model)
+    with db.read() as conn:
+        rows = conn.execute(query).all()
+    found = [Price(r.model, r.effective_from, r.input_uusd_per_mtok, r.output_uusd_per_mtok) for r in rows]
+    return sorted(found, key=lambda p: (p.model, p.effective_from))  # code-point order on every database
+
+
+def set_budget(
+    db: Database,
+    tenant: str,
+    usd: str | Decimal | int,
+    *,
+    month: str | None = None,
+    now: datetime | None = None,
+) -> Budget:
+    """Limit `tenant`'s spending in `month` (default: this month) to `usd` dollars. Lowering it below what is
+    already spent refuses further paid requests; it never rewrites the ledger."""
+    limit = parse_usd(usd, places=12, what="the budget")
+    month = parse_month(month) if month is not None else month_of(now or utcnow())
+    with db.write() as conn:
+        owner = get_tenant(conn, tenant)
+        stmt = _upsert(budgets, conn, tenant_id=owner.id, month=month, limit_pusd=limit)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[budgets.c.tenant_id, budgets.c.month], set_={"limit_pusd": limit}
+            )
+        )
+    return budget_status(db, tenant, month)
+
+
+def budget_status(db: Database, tenant: str, month: str) -> Budget:
+    month = parse_month(month)
+    with db.read() as conn:
+        owner = get_tenant(conn, tenant)
+        return _budget(conn, owner.id, owner.name, month)
+
+
+def _budget(conn: sa.Connection, tenant_id: int, tenant: str, month: str) -> Budget:
+    limit = conn.execute(
+        sa.select(budgets.c.limit_pusd).where(budgets.c.tenant_id == tenant_id, budgets.c.month == month)
+    ).scalar()
+    tm = tenant_months
+    row = conn.execute(sa.select(tm).where(tm.c.tenant_id == tenant_id, tm.c.month == month)).first()
+    spent, reserved = (row.spent_pusd, row.reserved_pusd) if row is not None else (0, 0)
+    return Budget(tenant, month, limit, spent, reserved)
+
+
+def list_budgets(db: Database, tenant: str | None = None) -> list[Budget]:
+    """Every budget set (by tenant, then month), with what is spent and held in that month."""
+    query = (
+        sa.select(
+            tenants.c.name,
+            budgets.c.month,
+            budgets.c.limit_pusd,
+            tenant_months.c.spent_pusd,
+            tenant_months.c.reserved_pusd,
+        )
+        .join(tenants, tenants.c.id == budgets.c.tenant_id)
+        .outerjoin(
+            tenant_months,
+            sa.and_(
+                tenant_months.c.tenant_id == budgets.c.tenant_id, tenant_months.c.month == budgets.c.month
+            ),
+        )
+        .order_by(tenants.c.id, budgets.c.month)
+    )
+    with db.read() as conn:
+        if tenant is not None:
+            query = query.where(budgets.c.tenant_id == get_tenant(conn, tenant).id)
+        rows = conn.execute(query).all()
+    return [Budget(r.name, r.month, r.limit_pusd, r.spent_pusd or 0, r.reserved_pusd or 0) for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_pusd: int
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """A tenant's settled requests in one month, per model, with totals: the invoice's lines."""
+
+    tenant: str
+    month: str
+    models: list[ModelUsage]
+    totals: ModelUsage
+    budget: Budget  # limit (None = unlimited), spent and currently held
+    pending: int  # requests still running (not in the lines until they are settled)
+
+
+@dataclass(frozen=True)
+class DailyUsage:
+    date: str  # YYYY-MM-DD (UTC)
+    requests: int
+    tokens: int  # prompt + completion
+    cost_pusd: int
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    request_id: str
+    model: str
+    status: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_pusd: int
+    started_at: datetime
+    finished_at: datetime | None
+    key_prefix: str
+
+
+def _in_month(tenant_id: int, month: str) -> sa.ColumnElement[bool]:
+    start, end = month_range(month)
+    return sa.and_(usage.c.tenant_id == tenant_id, usage.c.started_at >= start, usage.c.started_at < end)
+
+
+def usage_report(db: Database, tenant: str, month: str) -> UsageReport:
+    """Per model: settled requests, tokens and cost in `month` (by start time, UTC); totals; the budget."""
+    month = parse_month(month)
+    with db.read() as conn:
+        owner = get_tenant(conn, tenant)
+        rows = conn.execute(
+            sa.select(
+                usage.c.model,
+                sa.func.count(),
+                sa.func.sum(usage.c.prompt_tokens),
+                sa.func.sum(usage.c.completion_tokens),
+                sa.func.sum(usage.c.cost_pusd),
+            )
+            .where(_in_month(owner.id, month), usage.c.status != PENDING)
+            .group_by(usage.c.model)
+        ).all()
+        pending = conn.execute(
+            sa.select(sa.func.count()).where(_in_month(owner.id, month), usage.c.status == PENDING)
+        ).scalar_one()
+        budget = _budget(conn, owner.id, owner.name, month)
+    # sorted here, not in SQL: the same order (code points) whatever the database's collation
+    models = sorted(
+        (ModelUsage(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows), key=lambda m: m.model
+    )
+    totals = ModelUsage(
+        "total",
+        sum(m.requests for m in models),
+        sum(m.prompt_tokens for m in models),
+        sum(m.completion_tokens for m in models),
+        sum(m.cost_pusd for m in models),
+    )
+    return UsageReport(owner.name, month, models, totals, budget, pending)
+
+
+def usage_csv(report: UsageReport) -> str:
+    """The report as CSV: one line per model, then a `total` line; costs in exact decimal dollars."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        ["tenant", "month", "model", "requests", "prompt_tokens", "completion_tokens", "cost_usd"]
+    )
+    for m in (*report.models, report.totals):
+        writer.writerow(
+            [
+                report.tenant,
+                report.month,
+                m.model,
+                m.requests,
+                m.prompt_tokens,
+                m.completion_tokens,
+                format_usd(m.cost_pusd),
+            ]
+        )
+    return out.getvalue()
+
+
+def daily_usage(db: Database, tenant: str, month: str) -> list[DailyUsage]:
+    """Every day of `month` (UTC), zeros included: settled requests, tokens and cost."""
+    month = parse_month(month)
+    with db.read() as conn:
+        owner = get_tenant(conn, tenant)
+        if conn.dialect.name == "postgresql":
+            day = sa.func.to_char(sa.func.timezone("UTC", usage.c.started_at), "YYYY-MM-DD")
+        else:  # stored as "YYYY-MM-DD HH:MM:SS.ffffff" in UTC
+            day = sa.func.substr(sa.cast(usage.c.started_at, sa.String), 1, 10)
+        rows = conn.execute(
+            sa.select(
+                day.label("day"),
+                sa.func.count(),
+                sa.func.sum(usage.c.prompt_tokens + usage.c.completion_tokens),
+                sa.func.sum(usage.c.cost_pusd),
+            )
+            .where(_in_month(owner.id, month), usage.c.status != PENDING)
+            .group_by(day)
+        ).all()
+    found = {r[0]: DailyUsage(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows}
+    start, end = month_range(month)
+    days = [(start + timedelta(days=i)).strftime("%Y-%m-%d") for i in range((end - start).days)]
+    return [found.get(d, DailyUsage(d, 0, 0, 0)) for d in days]
+
+
+def recent_requests(db: Database, tenant: str, limit: int = 20) -> list[UsageRecord]:
+    """The tenant's latest requests (pending ones included), newest first."""
+    with db.read() as conn:
+        owner = get_tenant(conn, tenant)
+        rows = conn.execute(
+            sa.select(usage, api_keys.c.prefix)
+            .join(api_keys, api_keys.c.id == usage.c.key_id)
+            .where(usage.c.tenant_id == owner.id)
+            .order_by(usage.c.started_at.desc(), usage.c.id.desc())
+            .limit(max(0, limit))
+        ).all()
+    return [
+        UsageRecord(
+            r.request_id,
+            r.model,
+            r.status,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.cost_pusd,
+            r.started_at,
+            r.finished_at,
+            r.prefix,
+        )
+        for r in rows
+    ]
