@@ -255,6 +255,19 @@ def serve(
         float,
         typer.Option(help="Seconds without a heartbeat before a process's pending requests are failed."),
     ] = 60.0,
+    upstreams: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve the models of OpenAI-compatible servers (vLLM, llama.cpp, Ollama, lmforge) listed "
+            "in this YAML file: [{name, url, model, api_key_env, max_tokens, timeout_s}, ...]."
+        ),
+    ] = None,
+    no_model: Annotated[
+        bool,
+        typer.Option(
+            "--no-model", help="Load no local model: a gateway serving only --upstreams (and --classifier)."
+        ),
+    ] = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
     threads: Threads = 0,
@@ -262,7 +275,8 @@ def serve(
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
     Metered by default: every /v1 request needs an API key (`lmforge admin key create`), and is rate-limited,
-    checked against its tenant's budget and written to the usage ledger.
+    checked against its tenant's budget and written to the usage ledger. Models of other servers
+    (--upstreams) are forwarded and metered the same way; with --no-model the server is only that gateway.
     """
     import asyncio
     from pathlib import Path
@@ -272,12 +286,16 @@ def serve(
 
     if no_auth and (database_url or admin_token):
         raise UserError("--no-auth serves without a database: drop --database-url and --admin-token")
+    if no_model and (model != DEFAULT_MODEL or served_name or lora):
+        raise UserError("--no-model serves no local model: drop MODEL, --served-name and --lora")
+    if no_model and not (upstreams or classifier):
+        raise UserError("--no-model needs something to serve: --upstreams FILE.yaml (or --classifier)")
     loras = [spec.partition("=") for spec in lora or ()]
     for name, _, path in loras:  # before the model loads: a typo fails in a second, not a minute
         if not name or not path or not Path(path).is_dir():
             raise UserError(f"--lora takes NAME=PATH with PATH a PEFT adapter folder, got {name}={path}")
     settings = Settings(
-        model_name=served_name or (Path(model).stem if Path(model).exists() else model),
+        model_name=None if no_model else served_name or (Path(model).stem if Path(model).exists() else model),
         host=host,
         port=port,
         max_queue=max_queue,
@@ -285,6 +303,7 @@ def serve(
         admin_token=admin_token or None,
         heartbeat_s=heartbeat,
         stale_after_s=stale_after,
+        upstreams=_upstreams(upstreams) if upstreams else (),
     )
     db = None
     if not no_auth:  # before the model loads: a database that is not ready fails in a second, not a minute
@@ -293,6 +312,22 @@ def serve(
         from lmforge.serve.db import open_database
 
         db = open_database(resolve_url(database_url, store.home()))
+    if no_model:  # a pure gateway: no model to load, no engine to run
+        import time
+
+        from lmforge.serve.routes.classify import load_served
+        from lmforge.serve.upstream import NoEngine
+
+        try:
+            engine = NoEngine(created=int(time.time()))
+            app_ = create_app(
+                settings, engine, None, db=db, classifier=load_served(classifier, device, dtype)
+            )
+            run(app_, settings, log_level=log_level)
+        finally:
+            if db is not None:
+                db.close()
+        return
     from lmforge.engine import AsyncEngine, EngineConfig, LLMEngine  # torch: after the quick checks
     from lmforge.serve.routes.classify import load_served
 
@@ -316,6 +351,45 @@ def serve(
         asyncio.run(engine.shutdown(drain_timeout=0))
         if db is not None:
             db.close()
+
+
+def _upstreams(path: str) -> tuple:
+    """`serve --upstreams FILE.yaml`: a list of upstream models as `serve.settings.UpstreamSettings`, checked
+    before any model loads (unknown keys refused with the nearest valid one, the API keys' variables set)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from lmforge import config_io
+    from lmforge.serve.settings import UpstreamSettings
+
+    try:
+        entries = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read the --upstreams file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path} must hold a list of upstream models: - {{name: ..., url: http://host/v1}}")
+    found = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not {"name", "url"} <= set(entry):
+            raise UserError(
+                f"{path}: upstream {i + 1} must be a mapping with at least name and url, got {entry!r}"
+            )
+        try:
+            upstream = config_io.from_dict(UpstreamSettings, entry, prefix=f"upstreams[{i}].")
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        if upstream.api_key_env is not None and not os.environ.get(upstream.api_key_env):
+            raise UserError(
+                f"{path}: upstream {upstream.name!r} reads its API key from ${upstream.api_key_env}, which is not set"
+            )
+        found.append(upstream)
+    return tuple(found)
 
 
 # ----------------------------------------------------------------------------------- database and admin
@@ -911,10 +985,26 @@ def classify(
 
 
 def main() -> None:
+    from typer.exceptions import Abort, TyperException
+
     try:
-        app()
+        # not standalone: click's usage errors come here, to be printed as one line like every other error
+        code = app(standalone_mode=False)  # a `typer.Exit(code)` comes back as its code here
+    except TyperException as e:  # typer's vendored click exceptions (UsageError, BadParameter, ...)
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        where = ctx.command_path if ctx is not None else "lmforge"
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"lmforge: error: {message} (see `{where} --help`)", err=True)
+        sys.exit(getattr(e, "exit_code", 2) or 2)
+    except Abort:
+        sys.exit(130)
     except UserError as e:
         typer.echo(f"lmforge: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)

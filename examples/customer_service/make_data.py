@@ -9,7 +9,8 @@ express delivery, warranty, store hours, support email, loyalty points), each wi
 fact (several phrasings). A quarter of the training conversations ask two questions in two turns.
 
 Writes, in OpenAI's fine-tuning chat format (one {"messages": [...]} per line):
-  train.jsonl    the training conversations (`lmforge finetune` holds out its own validation share)
+  train.jsonl    the training conversations
+  val.jsonl      validation conversations: the same templates, none identical to a training conversation
   heldout.jsonl  questions phrased with templates that training never uses, each with a reference answer
                  (also in a wording training never uses) and, beside "messages", its "topic" and "key_fact"
   facts.json     the policies: topic -> key fact and the sentence that states it
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from lmforge import atomic
@@ -320,15 +322,22 @@ def training_conversation(rng: random.Random, topics: list[str]) -> dict:
     return {"messages": messages}
 
 
-def make_train(rng: random.Random, n: int, two_turn_share: float = 0.25) -> list[dict]:
-    """n conversations; topics cycle so each fact appears equally often, two-turn ones add a second topic."""
+def make_conversations(
+    rng: random.Random, n: int, avoid: Sequence[dict] = (), two_turn_share: float = 0.25
+) -> list[dict]:
+    """n distinct conversations, none in `avoid`; topics cycle so each fact appears equally often, two-turn
+    ones add a second topic."""
     topics = list(FACTS)
+    seen = {json.dumps(c) for c in avoid}
     out = []
-    for k in range(n):
-        chosen = [topics[k % len(topics)]]
+    while len(out) < n:
+        chosen = [topics[len(out) % len(topics)]]
         if rng.random() < two_turn_share:
             chosen.append(rng.choice([t for t in topics if t != chosen[0]]))
-        out.append(training_conversation(rng, chosen))
+        conversation = training_conversation(rng, chosen)
+        if json.dumps(conversation) not in seen:
+            seen.add(json.dumps(conversation))
+            out.append(conversation)
     rng.shuffle(out)
     return out
 
@@ -363,16 +372,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "data"), help="output folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", type=int, default=400, help="training conversations")
+    ap.add_argument("--val", type=int, default=40, help="validation conversations")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train, heldout = make_train(rng, args.train), make_heldout(rng)
+    train = make_conversations(rng, args.train)
+    val = make_conversations(rng, args.val, avoid=train)
+    heldout = make_heldout(rng)
     write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "val.jsonl", val)
     write_jsonl(out / "heldout.jsonl", heldout)
     facts = {topic: {"key_fact": key, "fact": answers[0]} for topic, (key, answers, _) in FACTS.items()}
     atomic.write_json(out / "facts.json", facts)
-    print(f"wrote {len(train)} training and {len(heldout)} held-out conversations to {out}")
+    print(
+        f"wrote {len(train)} training, {len(val)} validation and {len(heldout)} held-out conversations to {out}"
+    )
 
 
 if __name__ == "__main__":

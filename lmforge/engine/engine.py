@@ -179,6 +179,8 @@ class LLMEngine:
         if not sched.scheduled:
             return outputs
         scheduled = sched.scheduled
+        if self.loras is not None:  # each adapter's tokens side by side (one slice of rows); sched follows
+            scheduled.sort(key=lambda s: self.requests[s.request_id].lora)
 
         ids, positions, token_loras, sample_rows, sampled = [], [], [], [], []
         start = 0

@@ -334,9 +334,10 @@ class MultiLoRALinear(nn.Module):
     """A frozen base Linear serving several adapters at once, each on its own rows of the flattened batch.
 
     base(x) runs once for all rows, as without adapters; then, per adapter present in the batch, its rows
-    get B (A x) * scaling added: one gather (a view when the rows are consecutive), two thin GEMMs and one
-    scatter-add per adapter and layer (S-LoRA / punica's SGMV: segments, not tokens). Rows of no adapter
-    keep the base output bit for bit. A and B are held per adapter rather than padded into one tensor: each
+    get B (A x) * scaling added (S-LoRA / punica's SGMV: segments, not tokens). When an adapter's rows are
+    consecutive (the engine groups its batch by adapter) that is two thin GEMMs, the second accumulating in
+    place into a view of the output; otherwise a gather, two GEMMs and a scatter-add. Rows of no adapter keep
+    the base output bit for bit. A and B are held per adapter rather than padded into one tensor: each
     adapter keeps its own rank, and the loop over adapters present is what a CPU does with segments anyway.
     """
 
@@ -369,11 +370,11 @@ class MultiLoRALinear(nn.Module):
             a = self.lora_A[slot] if slot < len(self.lora_A) else None
             if a is None:
                 continue
-            delta = F.linear(F.linear(x2[rows], a), self.lora_B[slot])  # (n, r) -> (n, out)
-            if isinstance(rows, slice):
-                out2[rows].add_(delta, alpha=self.scaling[slot])
+            h, bt = F.linear(x2[rows], a), self.lora_B[slot].t()  # (n, r), (r, out)
+            if isinstance(rows, slice):  # in place, fused: out[rows] += scaling * h @ B^T
+                out2[rows].addmm_(h, bt, alpha=self.scaling[slot])
             else:
-                out2.index_add_(0, rows, delta, alpha=self.scaling[slot])
+                out2.index_add_(0, rows, h @ bt, alpha=self.scaling[slot])
         return out
 
 

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import EngineClient
+from lmforge.errors import UserError
 from lmforge.serve import errors, metering
 from lmforge.serve.db import Database
 from lmforge.serve.deps import ServerState
@@ -34,6 +35,7 @@ from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.middleware import BodySizeLimit, CountRequests
 from lmforge.serve.routes import admin, classify, console, openai, ops, usage
 from lmforge.serve.settings import Settings
+from lmforge.serve.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +43,29 @@ log = logging.getLogger(__name__)
 def create_app(
     settings: Settings,
     engine: EngineClient,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     *,
     db: Database | None = None,
     classifier: classify.ServedClassifier | None = None,
 ) -> FastAPI:
     """`db=None`: an open server (no auth, no metering); with a database, /v1/* needs an API key.
-    `classifier`: a text classifier served at /v1/classifications beside the generation model."""
-    state = ServerState(settings, engine, tokenizer, ServerMetrics(engine), db=db, classifier=classifier)
+    `classifier`: a text classifier served at /v1/classifications beside the generation model.
+    `settings.upstreams`: models forwarded to OpenAI-compatible servers (their API keys are read from the
+    environment here). Without a local model (`settings.model_name` None) `engine` is `upstream.NoEngine` and
+    `tokenizer` None."""
+    upstreams = {u.name: Upstream(u) for u in settings.upstreams}
+    if classifier is not None and classifier.name in upstreams:
+        raise UserError(f"the classifier and an upstream are both called {classifier.name!r}")
+    state = ServerState(
+        settings, engine, tokenizer, ServerMetrics(engine), db=db, classifier=classifier, upstreams=upstreams
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.draining = False
         heartbeat = None
+        for up in upstreams.values():  # one connection pool per upstream, on the serving event loop
+            up.open()
         if db is not None:
             state.instance_id = await run_in_threadpool(metering.register_instance, db)
             await _reconcile(db, settings.stale_after_s)
@@ -71,6 +83,8 @@ def create_app(
                     await run_in_threadpool(metering.unregister_instance, db, state.instance_id)
                 except Exception:
                     log.exception("could not unregister this server process")
+            for up in upstreams.values():
+                await up.aclose()
 
     app = FastAPI(title="lmforge", version="0.1.0", lifespan=lifespan)
     app.state.lmforge = state

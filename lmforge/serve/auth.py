@@ -311,16 +311,19 @@ def api_error(exc: AuthError) -> Exception:
 
 def require_key(request: Request) -> ApiKey | None:
     """The request's API key (401/403 otherwise); None on an open server (no database). A sync dependency, so
-    FastAPI runs its database read in the thread pool."""
+    FastAPI runs its database read in the thread pool. The key is left in `request.state.api_key`, where the
+    app's RateLimitHeaders middleware finds it to add the x-ratelimit-* headers to the response."""
     from lmforge.serve.deps import get_state
 
     db = get_state(request).db
     if db is None:
         return None
     try:
-        return authenticate(db, request.headers.get("authorization"))
+        key = authenticate(db, request.headers.get("authorization"))
     except AuthError as e:
         raise api_error(e) from None
+    request.state.api_key = key
+    return key
 
 
 def require_admin(request: Request) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -15,6 +15,7 @@ from lmforge.serve.settings import Settings
 if TYPE_CHECKING:
     from lmforge.serve.db import Database
     from lmforge.serve.routes.classify import ServedClassifier
+    from lmforge.serve.upstream import Upstream
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ServerState:
     db: Database | None = None  # None = an open server: no auth, no metering
     instance_id: str | None = None  # this process's row in `instances` (metered servers only)
     classifier: ServedClassifier | None = None  # served at /v1/classifications beside the generation model
+    upstreams: dict[str, Upstream] = field(default_factory=dict)  # models forwarded to other servers, by name
 
     def admit(self, num_requests: int) -> None:
         """Refuse work the engine should not queue: 503 while not ready or draining, 429 when the queue is full."""

@@ -264,7 +264,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    max_model_len: int
+    max_model_len: int | None = None  # vLLM's context length; None for an upstream model (unknown here)
     root: str | None = None  # the model the card's weights come from (the base, or the adapter's name)
     parent: str | None = None  # an adapter's base model; None for the base itself
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,9 +46,23 @@ def pg_url() -> Iterator[str]:
     try:
         yield server.set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop(admin, name)
         admin.dispose()
+
+
+def _drop(admin: sa.Engine, name: str) -> None:
+    # FORCE ends our own leftover sessions; an autovacuum worker (a superuser's) cannot be ended by the
+    # non-superuser test role, so the drop is retried until it has moved on. A database left behind is
+    # harmless (random name), so the last failure is a warning, not a test error.
+    for attempt in range(20):
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except sa.exc.DBAPIError as e:
+            if attempt == 19:
+                warnings.warn(f"could not drop test database {name}: {e.orig}", stacklevel=2)
+            time.sleep(0.25)
 
 
 @contextmanager

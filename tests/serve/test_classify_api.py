@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import sqlalchemy as sa
 import torch
 
 from lmforge import checkpoint
@@ -25,9 +26,12 @@ from lmforge.errors import UserError
 from lmforge.models.classifier import SequenceClassifier
 from lmforge.models.config import ModelConfig
 from lmforge.models.gpt import build_model
+from lmforge.serve import auth, metering
 from lmforge.serve.app import create_app
+from lmforge.serve.db import usage as ledger
 from lmforge.serve.routes.classify import ServedClassifier, classification_usage, load_served
 from lmforge.serve.settings import Settings
+from tests.serve.conftest import assert_ledger_consistent
 from tests.serve.fake_engine import FakeEngine
 
 LABELS = ["billing", "shipping", "technical"]
@@ -235,3 +239,54 @@ def test_lmforge_serve_with_a_classifier(folder, served, tokenizer, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "lmforge: error: --classifier takes NAME=PATH (a classifier folder), got 'tickets'"
     ]
+
+
+def test_metered_classification_bills_the_usage_the_client_got(served, tokenizer, database, monkeypatch):
+    """On a metered server a classification is admitted (rate limits, the budget hold of its prompt tokens)
+    before the classifier runs and settled with the usage the client is told; /v1/models lists the classifier."""
+    app = create_app(
+        Settings(model_name="smollm2-test"), FakeEngine(), tokenizer, db=database, classifier=served
+    )
+    auth.create_tenant(database, "acme")
+    _, secret = auth.create_key(database, "acme", rpm=10)
+    headers = {"Authorization": f"Bearer {secret}"}
+    metering.set_price(database, "tickets", input_usd="2", output_usd="3")
+    texts = ["where is my parcel", "refund please"]
+    for url in _serve(app):
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            models = http.get("/v1/models").json()["data"]
+            assert [m["id"] for m in models] == ["smollm2-test", "tickets"]
+            assert models[1]["max_model_len"] == MAX_SEQ_LEN and models[1]["owned_by"] == "lmforge"
+
+            r = http.post("/v1/classifications", json={"model": "tickets", "input": texts})
+            assert r.status_code == 200, r.text
+            told, first_id = r.json()["usage"], r.json()["id"]
+            assert told["prompt_tokens"] == sum(len(p) for p in encode_texts(served.tokenizer, texts))
+            assert r.headers["x-ratelimit-remaining-requests"] == "9"
+            assert (
+                http.post("/v1/classifications", json={"model": "tickets", "input": "x"}).status_code == 200
+            )
+
+            # the budget is checked before the classifier runs: what is left fits no more requests
+            metering.set_budget(database, "acme", metering.format_usd(told["prompt_tokens"] * 2_000_000))
+            r = http.post("/v1/classifications", json={"model": "tickets", "input": texts})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+
+            metering.set_budget(database, "acme", "1")
+
+            def broken(prompts):  # a fault inside the classifier, after the request was admitted
+                raise RuntimeError("classifier exploded")
+
+            monkeypatch.setattr(served.classifier, "classify", broken)
+            r = http.post("/v1/classifications", json={"model": "tickets", "input": "hi"})
+            assert r.status_code == 500
+    with database.read() as conn:
+        rows = conn.execute(sa.select(ledger).order_by(ledger.c.id)).all()
+    assert [(x.model, x.status) for x in rows] == [("tickets", "completed")] * 2 + [("tickets", "failed")]
+    first = rows[0]
+    assert first.request_id == first_id
+    assert (first.prompt_tokens, first.completion_tokens) == (told["prompt_tokens"], 0)
+    assert first.cost_pusd == told["prompt_tokens"] * 2_000_000
+    assert (rows[2].prompt_tokens, rows[2].completion_tokens, rows[2].cost_pusd) == (0, 0, 0)
+    assert "classifier exploded" in rows[2].error
+    assert_ledger_consistent(database)

@@ -220,13 +220,20 @@ def test_ratelimit_headers_on_every_authenticated_response(url, database, tokeni
         assert r.headers["x-ratelimit-remaining-requests"] == "3"
         assert r.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 2 * prompt - 5 - 3)
         assert r.read().endswith(b"data: [DONE]\n\n")
+    # prompts x n: the admission counts each prompt once and every choice's max_tokens
+    body = {"model": MODEL, "prompt": ["a b c", "d"], "n": 2, "max_tokens": 3}
+    r = httpx.post(url + "/v1/completions", json=body, headers=bearer(secret))
+    assert r.json()["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+    assert r.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 2 * prompt - 5 - 3 - 16)
+    assert r.headers["x-ratelimit-remaining-requests"] == "2"
     for r in (
         httpx.get(url + "/v1/models", headers=bearer(secret)),  # not counted, still headed
         httpx.post(
             url + "/v1/chat/completions", json={"model": MODEL, "messages": "hi"}, headers=bearer(secret)
         ),
     ):
-        assert r.headers["x-ratelimit-remaining-requests"] == "3", r.text
+        assert r.headers["x-ratelimit-remaining-requests"] == "2", r.text
     assert r.status_code == 400
 
     _, unlimited = new_key(database)
@@ -377,6 +384,64 @@ def test_stream_cancelled_midway_bills_what_was_generated(url, database, engine)
         assert row.status == "cancelled" and row.error is None
         assert 3 <= row.completion_tokens < 1000 and row.prompt_tokens == len(engine.requests[-1][0])
         assert row.cost_pusd == cost(row.prompt_tokens, row.completion_tokens)
+    assert_books_balance(database)
+
+
+def test_client_leaving_before_the_stream_starts_is_settled(url, database, engine):
+    """The client hangs up while the server waits for the first token: the request is aborted and settled."""
+    priced(database)
+    _, secret = new_key(database)
+    engine.delay = 0.3
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            url + "/v1/completions", json=body, headers=bearer(secret), timeout=httpx.Timeout(5, read=0.1)
+        )
+    (_, _, rid) = engine.requests[0]
+    row = row_of(database, rid.rsplit("-", 1)[0])
+    assert row.status == "cancelled" and 1 <= row.completion_tokens <= 3  # the first token(s), not 1000
+    deadline = time.monotonic() + 2
+    while rid not in engine.aborted:
+        assert time.monotonic() < deadline, "the engine request was not aborted"
+        time.sleep(0.02)
+    assert_books_balance(database)
+
+
+def test_stream_whose_response_cannot_start_is_settled(database, engine, tokenizer):
+    """An ASGI 2.4 server raises OSError from send() once the client is gone. If that happens at the response's
+    start, the stream's event generator never begins (nor its cleanup): the request is still aborted and billed
+    for what was generated, the first token."""
+    priced(database)
+    _, secret = new_key(database)
+    app = create_app(Settings(model_name=MODEL), engine, tokenizer, db=database)
+    body = json.dumps(
+        {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
+    ).encode()
+    headers = {"host": "test", "content-type": "application/json", "content-length": str(len(body)),
+               "authorization": f"Bearer {secret}"}  # fmt: skip
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()], "state": {},
+    }  # fmt: skip
+    incoming = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive() -> dict:
+        return incoming.pop(0) if incoming else await asyncio.Future()
+
+    async def send(message: dict) -> None:
+        sent.append(message["type"])
+        raise OSError("the client went away")
+
+    asyncio.run(app(scope, receive, send))
+    assert sent == ["http.response.start"]
+    (_, _, rid) = engine.requests[0]
+    assert rid in engine.aborted
+    (row,) = rows(database)
+    assert (row.status, row.completion_tokens) == ("cancelled", 1)
+    assert row.cost_pusd == cost(row.prompt_tokens, 1) and row.prompt_tokens == len(engine.requests[0][0])
     assert_books_balance(database)
 
 

@@ -12,7 +12,9 @@ with, 400 for an empty input, an empty text, too many texts or a text past the c
 
 Metering: `classification_usage` is what a request is billed for (its texts' tokens; a classifier generates
 none); the usage block in the response is that object. On a server with a database the route needs an API key
-allowed to use the classifier's name, like the other /v1 routes.
+allowed to use the classifier's name, like the other /v1 routes, and is metered like them: admitted (rate
+limits, the budget hold of its prompt tokens) before the classifier runs, then settled completed with the
+usage the client is told, or failed (0 tokens: no answer) if classifying raises.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from lmforge.serve.auth import ApiKey, AuthError, api_error, check_model, requir
 from lmforge.serve.deps import ServerState, get_state
 from lmforge.serve.errors import APIError
 from lmforge.serve.protocol import ErrorResponse
+from lmforge.serve.routes.openai import Meter
 
 if TYPE_CHECKING:
     from lmforge.engine import Classifier
@@ -155,7 +158,6 @@ async def create_classification(
     body: ClassificationRequest, request: Request, key: ApiKey | None = Depends(require_key)
 ) -> Classification:
     state = get_state(request)
-    request.state.api_key = key  # for the x-ratelimit-* headers of a metered server
     if state.draining:
         raise EngineDraining()
     served = _served(state, body.model)
@@ -170,10 +172,33 @@ async def create_classification(
     prompts = await run_in_threadpool(tok.encode_batch, texts, add_bos=tok.add_bos_token, parse_special=False)
     _check_lengths(prompts, served.classifier.max_seq_len)
     usage = classification_usage(prompts)
-    probs = await run_in_threadpool(served.classifier.classify, prompts)
-    data = []
-    for i, p in enumerate(probs):
-        label = max(p, key=p.__getitem__)
-        data.append(ClassificationItem(index=i, label=label, score=p[label], scores=p))
+    response_id = f"clf-{uuid.uuid4().hex}"
+    tokens = (0, 0)  # (prompt, completion) tokens billed: none until the client has its answer
+    meter = None
+    if key is not None and state.db is not None:
+        meter = Meter(
+            request,
+            state,
+            key,
+            body.model,
+            request_id=response_id,
+            prompt_tokens=usage.prompt_tokens,
+            max_completion_tokens=0,
+            billed=lambda: tokens,
+        )
+        await meter.admit()  # RateLimited / QuotaExceeded before the classifier runs
+    try:
+        probs = await run_in_threadpool(served.classifier.classify, prompts)
+        data = []
+        for i, p in enumerate(probs):
+            label = max(p, key=p.__getitem__)
+            data.append(ClassificationItem(index=i, label=label, score=p[label], scores=p))
+    except BaseException as e:
+        if meter is not None:
+            await meter.ended(e)  # failed (an error) or cancelled (shutdown), billed nothing
+        raise
     state.metrics.prompt_tokens.inc(usage.prompt_tokens)
-    return Classification(id=f"clf-{uuid.uuid4().hex}", model=body.model, data=data, usage=usage)
+    tokens = (usage.prompt_tokens, 0)
+    if meter is not None:
+        await meter.ended(None)
+    return Classification(id=response_id, model=body.model, data=data, usage=usage)

@@ -9,6 +9,9 @@ planned, then admitted (its rate limits counted and its maximum cost held agains
 transaction), then generated, and settled exactly once however it ends: completed, cancelled (the client left:
 what was generated is billed), failed (an engine error: the same). The numbers billed are the `_Tally`'s, the
 ones the client is told in `usage`. The prefix cache is salted per tenant so tenants never share cached blocks.
+
+Models of other OpenAI-compatible servers (`settings.upstreams`) branch off to lmforge/serve/upstream.py before
+any tokenising: forwarded, and metered through the same `Meter` (502/504 when the upstream fails to answer).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ MAX_CHOICES = 256  # engine requests one HTTP request may start (prompts x n)
 SETTLE_RETRIES_S = (0.1, 1.0, None)  # waits between attempts to settle a request (None: the last attempt)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 502, 503, 504)
 }
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
 
@@ -100,26 +103,45 @@ def _model_card(state: ServerState, lora: str | None = None) -> ModelCard:
     )
 
 
+def _other_cards(state: ServerState) -> list[ModelCard]:
+    """The cards of the served classifier and of the upstream models (see upstream.py)."""
+    created = state.engine.model_info().created
+    cards = []
+    if state.classifier is not None:
+        name, max_len = state.classifier.name, state.classifier.classifier.max_seq_len
+        cards.append(
+            ModelCard(id=name, created=created, owned_by="lmforge", max_model_len=max_len, root=name)
+        )
+    return cards + [up.card(created) for up in state.upstreams.values()]
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
-    loras = state.engine.model_info().loras
-    return ModelList(data=[_model_card(state)] + [_model_card(state, lora) for lora in loras])
+    local = []
+    if state.settings.model_name is not None:  # None: a pure gateway (upstream models only)
+        loras = state.engine.model_info().loras
+        local = [_model_card(state)] + [_model_card(state, lora) for lora in loras]
+    return ModelList(data=local + _other_cards(state))
 
 
 @router.get("/v1/models/{model}", response_model=ModelCard, responses=_ERRORS)
 async def get_model(model: str, state: ServerState = Depends(get_state)) -> ModelCard:
+    for card in _other_cards(state):
+        if card.id == model:
+            return card
     return _model_card(state, _check_model(state, model))
 
 
 def _check_model(state: ServerState, model: str) -> str | None:
     """The LoRA adapter `model` names (`base:adapter`), None for the base model; 404 for anything else."""
     base = state.settings.model_name
-    if model == base:
+    if base is not None and model == base:
         return None
-    loras = state.engine.model_info().loras
-    adapter = model[len(base) + 1 :] if model.startswith(base + ":") else None
+    loras = () if base is None else state.engine.model_info().loras
+    adapter = model[len(base) + 1 :] if base is not None and model.startswith(base + ":") else None
     if adapter is None or adapter not in loras:
-        served = ", ".join(f"'{name}'" for name in [base, *(f"{base}:{lora}" for lora in loras)])
+        local = [] if base is None else [base, *(f"{base}:{lora}" for lora in loras)]
+        served = ", ".join(f"'{name}'" for name in [*local, *state.upstreams]) or "no generation model"
         raise APIError(
             404,
             f"The model '{model}' does not exist; this server serves {served}.",
@@ -211,7 +233,7 @@ async def _chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> lis
 
 
 async def _start(
-    state: ServerState, choices: list[Choice], meter: _Meter | None = None
+    state: ServerState, choices: list[Choice], meter: Meter | None = None
 ) -> tuple[ChoiceDelta | None, AsyncIterator[ChoiceDelta]]:
     """Admit the engine requests and wait for the first delta, so early engine errors get their HTTP status.
 
@@ -271,6 +293,10 @@ class _Tally:
             prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(c[2] for c in firsts)),
         )
 
+    def billed(self) -> tuple[int, int]:
+        usage = self.usage()
+        return usage.prompt_tokens, usage.completion_tokens
+
     def record(self, state: ServerState) -> None:
         usage = self.usage()
         state.metrics.prompt_tokens.inc(usage.prompt_tokens)
@@ -306,17 +332,20 @@ def _settle_unused(db: Database, admission: metering.Admission) -> None:
 
 
 @dataclass
-class _Meter:
+class Meter:
     """A metered request's ledger row. `admit` counts the request against its key's rate limits and holds its
-    maximum cost (every prompt once, every choice's max_tokens) against the tenant's budget before the engine
-    sees it; `settle` bills the tally's numbers, the ones the client is told in `usage`, exactly once."""
+    maximum cost (`prompt_tokens` + `max_completion_tokens` at the model's prices) against the tenant's budget
+    before any work starts; `settle` bills `billed()` (prompt, completion tokens), the numbers the client is
+    told in `usage`, exactly once. Upstream models and classifications are metered with it too."""
 
     request: Request
     state: ServerState
     key: ApiKey
     model: str
-    choices: list[Choice]
-    tally: _Tally
+    request_id: str  # the response id the client sees
+    prompt_tokens: int
+    max_completion_tokens: int
+    billed: Callable[[], tuple[int, int]]
     admission: metering.Admission | None = None
     settled: bool = False
 
@@ -327,9 +356,9 @@ class _Meter:
             db,
             key,
             self.model,
-            request_id=self.choices[0].request_id.rsplit("-", 1)[0],  # the response id the client sees
-            prompt_tokens=sum(len(c.prompt_ids) for c in self.choices[:: self.tally.n]),
-            max_completion_tokens=sum(c.params.max_tokens for c in self.choices),
+            request_id=self.request_id,
+            prompt_tokens=self.prompt_tokens,
+            max_completion_tokens=self.max_completion_tokens,
             instance_id=self.state.instance_id,
         )
         # admitted, but cancelled meanwhile: nothing will run, so the hold goes back at once
@@ -343,13 +372,13 @@ class _Meter:
         if self.admission is None or self.settled:
             return
         self.settled = True
-        usage = self.tally.usage()
+        prompt_tokens, completion_tokens = self.billed()
         settle = partial(
             metering.settle,
             self.state.db,
             self.admission,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             status=status,
             error=error,
         )
@@ -379,8 +408,20 @@ class _Meter:
 
 def _meter(
     request: Request, state: ServerState, key: ApiKey | None, model: str, choices: list[Choice], tally: _Tally
-) -> _Meter | None:
-    return None if key is None or state.db is None else _Meter(request, state, key, model, choices, tally)
+) -> Meter | None:
+    """Every prompt held once, every choice's max_tokens; the tally's usage billed."""
+    if key is None or state.db is None:
+        return None
+    return Meter(
+        request,
+        state,
+        key,
+        model,
+        request_id=choices[0].request_id.rsplit("-", 1)[0],
+        prompt_tokens=sum(len(c.prompt_ids) for c in choices[:: tally.n]),
+        max_completion_tokens=sum(c.params.max_tokens for c in choices),
+        billed=tally.billed,
+    )
 
 
 def _salt(key: ApiKey | None) -> str:
@@ -388,7 +429,7 @@ def _salt(key: ApiKey | None) -> str:
     return "" if key is None else f"tenant:{key.tenant_id}"
 
 
-class _SettledSSE(sse.SSEResponse):
+class SettledSSE(sse.SSEResponse):
     """An SSE response that runs `on_end` however it ends (finished, client gone, cancelled)."""
 
     def __init__(self, events: AsyncIterator[bytes], on_end: Callable[[], Awaitable[None]]) -> None:
@@ -409,7 +450,7 @@ def _stream_response(
     first: ChoiceDelta | None,
     deltas: AsyncIterator[ChoiceDelta],
     tally: _Tally,
-    meter: _Meter | None,
+    meter: Meter | None,
 ) -> Response:
     """Stream `events`. If the client leaves before the response starts, the events never begin, so their own
     cleanup never runs: then the engine requests are aborted here and what they generated (the first delta) is
@@ -432,7 +473,7 @@ def _stream_response(
         if meter is not None:
             await meter.settle("cancelled")  # a no-op once the events settled it
 
-    return _SettledSSE(tracked(), on_end)
+    return SettledSSE(tracked(), on_end)
 
 
 async def _collect(
@@ -441,7 +482,7 @@ async def _collect(
     first: ChoiceDelta | None,
     deltas: AsyncIterator[ChoiceDelta],
     tally: _Tally,
-    meter: _Meter | None = None,
+    meter: Meter | None = None,
 ) -> bool:
     """Run a non-streamed request to the end; False if the client left first (its engine requests are aborted,
     and what was generated is still recorded and billed)."""
@@ -523,6 +564,8 @@ async def create_completion(
     body: CompletionRequest, request: Request, key: ApiKey | None = Depends(_authenticate)
 ) -> Response:
     state = get_state(request)
+    if body.model in state.upstreams:  # forwarded to another server, metered the same way
+        return await state.upstreams[body.model].forward(request, key, body)
     lora = _check_model(state, body.model)
     if key is not None:
         check_model(key, body.model)
@@ -598,6 +641,8 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, key: ApiKey | None = Depends(_authenticate)
 ) -> Response:
     state = get_state(request)
+    if body.model in state.upstreams:  # forwarded to another server, metered the same way
+        return await state.upstreams[body.model].forward(request, key, body)
     lora = _check_model(state, body.model)
     if key is not None:
         check_model(key, body.model)
