@@ -3,11 +3,14 @@
     python examples/customer_service/evaluate.py [--base smollm2-135m-instruct] [--tuned customer-service]
         [--data examples/customer_service/data] [--out examples/customer_service/results.json]
 
-For each model, on heldout.jsonl (questions phrased with templates that training never used):
-  val loss        mean cross-entropy per token of the reference answers (the assistant tokens only, as
-                  fine-tuning counts them), the prompt being the system prompt and the question
-  key-fact match  the share of greedy answers that contain the question's key fact ("30 days", "$4.99",
-                  "help@lumenandoak.com", ...) verbatim: case-insensitive, as a whole token, dashes unified
+For each model:
+  val loss        on val.jsonl (unseen conversations from training's templates): mean cross-entropy per
+                  assistant token, as `lmforge finetune` scores its validation data
+  held-out loss   the same on heldout.jsonl, whose questions and reference answers use wordings training never
+                  does: how likely the model finds those exact reference answers
+  key-fact match  on heldout.jsonl: the share of greedy answers that contain the question's key fact
+                  ("30 days", "$4.99", "help@lumenandoak.com", ...) verbatim: case-insensitive, as a whole token,
+                  any dash read as "-"
 Prints a table and writes every number and every answer to --out (JSON). Only lmforge's own APIs: the store
 and checkpoint loader, the chat-data tokenizer and loss of `lmforge finetune`, and the inference engine.
 """
@@ -35,11 +38,10 @@ HERE = Path(__file__).resolve().parent
 SEQ_LEN = 512  # room for any held-out conversation (they are under 100 tokens)
 
 
-def read_heldout(path: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        sys.exit(f"{path} holds no questions; run make_data.py first")
-    return rows
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        sys.exit(f"{path} does not exist; run make_data.py first")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def spread(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -57,8 +59,8 @@ def has_fact(answer: str, key: str) -> bool:
 
 
 @torch.no_grad()
-def val_loss(ck: checkpoint.Checkpoint, rows: list[dict[str, Any]], batch_size: int = 8) -> float:
-    """Mean loss per reference-answer token, the way `lmforge finetune` scores its validation split."""
+def loss(ck: checkpoint.Checkpoint, rows: list[dict[str, Any]], batch_size: int = 8) -> float:
+    """Mean loss per assistant token of the conversations, the way `lmforge finetune` scores validation data."""
     examples = sft.tokenize([r["messages"] for r in rows], ck.tokenizer, SEQ_LEN)
     total, count = 0.0, 0
     for x, y in sft.eval_batches(examples, batch_size, pad_id_of(ck.tokenizer)):
@@ -78,11 +80,13 @@ def answers(ck: checkpoint.Checkpoint, rows: list[dict[str, Any]], max_tokens: i
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
 
-def evaluate(name: str, rows: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+def evaluate(
+    name: str, val: list[dict[str, Any]], rows: list[dict[str, Any]], max_tokens: int
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     ck = checkpoint.load(store.model_file(store.resolve(name)))
     ck.model.eval()
-    loss = val_loss(ck, rows)
+    val_loss, heldout_loss = loss(ck, val), loss(ck, rows)
     said = answers(ck, rows, max_tokens)
     hits = [has_fact(a, r["key_fact"]) for a, r in zip(said, rows, strict=True)]
     by_topic: Counter[str] = Counter()
@@ -90,7 +94,8 @@ def evaluate(name: str, rows: list[dict[str, Any]], max_tokens: int) -> dict[str
         by_topic[r["topic"]] += hit
     return {
         "model": name,
-        "val_loss": loss,
+        "val_loss": val_loss,
+        "heldout_loss": heldout_loss,
         "key_fact_match": sum(hits) / len(hits),
         "matched": sum(hits),
         "questions": len(hits),
@@ -102,10 +107,10 @@ def evaluate(name: str, rows: list[dict[str, Any]], max_tokens: int) -> dict[str
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | val loss (held-out answers) | key-fact match |", "|---|---|---|"]
+    lines = ["| model | val loss | held-out loss | key-fact match |", "|---|---|---|---|"]
     for label, r in zip(("base", "fine-tuned"), results, strict=True):
         share = f"{r['matched']}/{r['questions']} ({100 * r['key_fact_match']:.0f}%)"
-        lines.append(f"| {label}: {r['model']} | {r['val_loss']:.3f} | {share} |")
+        lines.append(f"| {label}: {r['model']} | {r['val_loss']:.3f} | {r['heldout_loss']:.3f} | {share} |")
     return "\n".join(lines)
 
 
@@ -115,18 +120,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tuned", default="customer-service", help="store name or path of the fine-tuned model")
     ap.add_argument("--data", default=str(HERE / "data"), help="the folder make_data.py wrote")
     ap.add_argument("--out", default=str(HERE / "results.json"))
-    ap.add_argument("--limit", type=int, default=0, help="evaluate this many held-out questions (0 = all)")
+    ap.add_argument("--limit", type=int, default=0, help="use this many conversations of each file (0 = all)")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length limit")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = $LMFORGE_THREADS or all cores)")
     args = ap.parse_args(argv)
     runtime.set_threads(args.threads or None)
-    rows = spread(read_heldout(Path(args.data) / "heldout.jsonl"), args.limit)
-    results = [evaluate(name, rows, args.max_tokens) for name in (args.base, args.tuned)]
+    val = spread(read_rows(Path(args.data) / "val.jsonl"), args.limit)
+    rows = spread(read_rows(Path(args.data) / "heldout.jsonl"), args.limit)
+    results = [evaluate(name, val, rows, args.max_tokens) for name in (args.base, args.tuned)]
     for r in results:
-        if not math.isfinite(r["val_loss"]):
-            sys.exit(f"{r['model']}: validation loss is {r['val_loss']}")
+        if not (math.isfinite(r["val_loss"]) and math.isfinite(r["heldout_loss"])):
+            sys.exit(f"{r['model']}: loss is not finite ({r['val_loss']}, {r['heldout_loss']})")
     report = {
-        "heldout": str(Path(args.data) / "heldout.jsonl"),
+        "data": args.data,
+        "val_conversations": len(val),
         "max_tokens": args.max_tokens,
         "threads": torch.get_num_threads(),
         "base": {k: v for k, v in results[0].items() if k not in ("answers", "hits")},

@@ -68,6 +68,10 @@ def test_dataset_counts_facts_and_held_out_questions(data):
                 stated[topic] += 1
     assert min(stated.values()) >= 40, stated  # every fact is taught, about equally
 
+    val, report = sft.read_jsonl(data / "val.jsonl", strict=True)
+    assert report.kept == 40
+    assert not {json.dumps(c) for c in val} & {json.dumps(c) for c in conversations}  # none seen in training
+
     heldout = lines(data / "heldout.jsonl")
     assert len(heldout) == 60
     assert {topic: sum(r["topic"] == topic for r in heldout) for topic in keys} == dict.fromkeys(keys, 6)
@@ -88,7 +92,7 @@ def test_dataset_is_deterministic_in_the_seed(data, tmp_path):
     for seed, same in ((0, True), (1, False)):
         out = tmp_path / f"seed{seed}"
         run(EXAMPLE / "make_data.py", "--out", out, "--seed", seed, home=tmp_path / "home")
-        for name in ("train.jsonl", "heldout.jsonl"):
+        for name in ("train.jsonl", "val.jsonl", "heldout.jsonl"):
             assert ((out / name).read_bytes() == (data / name).read_bytes()) is same, (seed, name)
 
 
@@ -104,8 +108,13 @@ def test_key_fact_match():
 def test_pipeline_runs_end_to_end(tmp_path, smollm2_gguf):
     """make_data -> `lmforge finetune` (the example's config, two steps) -> evaluate on a few questions."""
     home, data = tmp_path / "home", tmp_path / "data"
-    run(EXAMPLE / "make_data.py", "--out", data, "--train", 40, home=home)
-    overrides = [f"init_from={smollm2_gguf}", f"data={data / 'train.jsonl'}", f"out_dir={tmp_path / 'run'}"]
+    run(EXAMPLE / "make_data.py", "--out", data, "--train", 40, "--val", 8, home=home)
+    overrides = [
+        f"init_from={smollm2_gguf}",
+        f"data={data / 'train.jsonl'}",
+        f"val_data={data / 'val.jsonl'}",
+    ]
+    overrides += [f"out_dir={tmp_path / 'run'}"]
     overrides += ["max_steps=2", "batch_size=2", "eval_every=0", "tensorboard=false", "threads=1"]
     proc = run("-m", "lmforge", "finetune", EXAMPLE / "finetune.yaml", *overrides, home=home)
     assert "model stored as 'customer-service'" in proc.stdout
@@ -117,7 +126,9 @@ def test_pipeline_runs_end_to_end(tmp_path, smollm2_gguf):
     results = json.loads(out.read_text())
     base, tuned = results["base"], results["tuned"]
     assert base["questions"] == tuned["questions"] == len(results["questions"]) == 4
-    assert math.isfinite(base["val_loss"]) and math.isfinite(tuned["val_loss"])
+    assert results["val_conversations"] == 4
+    for key in ("val_loss", "heldout_loss"):
+        assert math.isfinite(base[key]) and math.isfinite(tuned[key])
     assert tuned["val_loss"] < base["val_loss"]  # two small steps already move towards the shop's answers
     assert len({q["topic"] for q in results["questions"]}) == 4  # --limit spreads over the topics
     for q in results["questions"]:

@@ -116,12 +116,16 @@ def _other_cards(state: ServerState) -> list[ModelCard]:
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
+async def list_models(request: Request, state: ServerState = Depends(get_state)) -> ModelList:
     local = []
     if state.settings.model_name is not None:  # None: a pure gateway (upstream models only)
         loras = state.engine.model_info().loras
         local = [_model_card(state)] + [_model_card(state, lora) for lora in loras]
-    return ModelList(data=local + _other_cards(state))
+    cards = local + _other_cards(state)
+    key: ApiKey | None = request.state.api_key
+    if key is not None and key.models is not None:  # as OpenAI: a key sees only the models it may use
+        cards = [card for card in cards if card.id in key.models]
+    return ModelList(data=cards)
 
 
 @router.get("/v1/models/{model}", response_model=ModelCard, responses=_ERRORS)
