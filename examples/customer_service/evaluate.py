@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (math.isfinite(r["val_loss"]) and math.isfinite(r["heldout_loss"])):
             sys.exit(f"{r['model']}: loss is not finite ({r['val_loss']}, {r['heldout_loss']})")
     report = {
-        "data": args.data,
+        "data": os.path.relpath(args.data),
         "val_conversations": len(val),
         "max_tokens": args.max_tokens,
         "threads": torch.get_num_threads(),
