@@ -26,12 +26,12 @@ serve: install
 	$(VENV)/bin/lmforge serve $(MODEL)
 
 lint: dev
-	$(VENV)/bin/ruff format --check lmforge tests bench
-	$(VENV)/bin/ruff check lmforge tests bench
+	$(VENV)/bin/ruff format --check lmforge tests bench examples
+	$(VENV)/bin/ruff check lmforge tests bench examples
 
 format: dev
-	$(VENV)/bin/ruff format lmforge tests bench
-	$(VENV)/bin/ruff check --fix lmforge tests bench
+	$(VENV)/bin/ruff format lmforge tests bench examples
+	$(VENV)/bin/ruff check --fix lmforge tests bench examples
 
 test: dev lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -111,14 +111,15 @@ def main() -> None:
         "",
         f"SmolLM2-135M-Instruct fp32, one decode step of {BATCH} sequences ({PROMPT_TOKENS}-token prompts), "
         f"random adapters of rank {args.rank} on q/k/v/o/gate/up/down; median of {args.steps} steps x "
-        f"{args.rounds} interleaved rounds (median of the rounds). Load average at start {load:.2f}.",
+        f"{args.rounds} interleaved rounds (median of the rounds). Load average at start {load:.2f}, "
+        f"at the end {os.getloadavg()[0]:.2f}.",
         "",
-        "| batch | step ms | vs no adapters |",
-        "|---|---|---|",
+        "| batch | step ms | rounds | vs no adapters |",
+        "|---|---|---|---|",
     ]
     for case, ms in results.items():
         m = statistics.median(ms)
-        lines.append(f"| {case} | {m:.1f} | {m / base:.2f}x |")
+        lines.append(f"| {case} | {m:.1f} | {' / '.join(f'{x:.0f}' for x in ms)} | {m / base:.2f}x |")
     entry = "\n".join(lines) + "\n"
     print(entry)
     if args.record:
