@@ -10,9 +10,9 @@ Labels are names (strings; JSON integers become their decimal string). Ids follo
 when every name is an integer ("2" before "10"), so the same data always gives the same ids. Texts are
 tokenised with `encode_texts` (no special-token parsing: a text is data, not a template), cut to seq_len.
 
-Batching mirrors `sft.SFTBatches`: each epoch in a fresh (seed, epoch) order, cut into buckets sorted by length,
-rows right-padded to the longest of their global batch, so the loader's whole state is its step. A batch is
-(x (B, T), lengths (B,), labels (B,)).
+Batching is `batching.BucketedBatches`, as for the chat data: each epoch in a fresh (seed, epoch) order, cut into
+buckets sorted by length, rows right-padded to the longest of their global batch, so the loader's whole state is
+its step. A batch is (x (B, T), lengths (B,), labels (B,)).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.batching import BucketedBatches
 from lmforge.data.sft import ReadReport
 from lmforge.errors import UserError
 
@@ -40,23 +41,15 @@ REASONS = {
     "unknown_label": "label never seen in training",
 }
 CSV_COLUMNS = ("text", "label")
-_SHOWN_LINES = 10  # line numbers listed per reason in the summary
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
 class LabelReport(ReadReport):
-    """What happened to each line of a labelled file: how many examples were kept, why the others were not."""
+    """What happened to each line of a labelled file: how many examples were kept, why the others were not;
+    summarised e.g. `tickets.csv: kept 95 of 100 examples; skipped 3 empty text (lines 4, 9, 12)`."""
 
-    def summary(self) -> str:
-        """One line, e.g. `tickets.csv: kept 95 of 100 examples; skipped 3 empty text (lines 4, 9, 12)`."""
-        head = f"{self.path}: kept {self.kept} of {self.kept + self.skipped} examples"
-        if not self.problems:
-            return head
-        parts = []
-        for reason, lines in self.problems.items():
-            shown = ", ".join(map(str, lines[:_SHOWN_LINES])) + (", ..." if len(lines) > _SHOWN_LINES else "")
-            parts.append(f"{len(lines)} {REASONS[reason]} (line{'s' if len(lines) > 1 else ''} {shown})")
-        return f"{head}; skipped {', '.join(parts)}"
+    noun = "examples"
+    reasons = REASONS
 
 
 @dataclass(frozen=True)
@@ -223,101 +216,22 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
     return torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(labels)
 
 
-class LabelBatches:
-    """Training batches; `next_batch()` gives this rank's (x, lengths, labels) and sets `last_batch_tokens` (its
-    real tokens, which the loop logs). Epochs repeat forever, each in a fresh (seed, epoch) order, bucketed by
-    length as in `sft.SFTBatches`."""
+class LabelBatches(BucketedBatches):
+    """Training batches; `next_batch()` gives this rank's (x, lengths, labels) (epoch order, buckets, ranks and
+    resume: `BucketedBatches`, as for the chat data)."""
 
-    def __init__(
-        self,
-        examples: Sequence[Example],
-        batch_size: int,
-        *,
-        pad_id: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        bucket_batches: int = 8,
-    ) -> None:
-        if not examples:
-            raise UserError("no training examples left to batch")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.examples = list(examples)
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.bucket_batches = max(1, bucket_batches)
-        self.step = 0
-        self.last_batch_tokens = 0
-        self.global_batch_size = batch_size * world_size
-        self.batches_per_epoch = -(-len(self.examples) // self.global_batch_size)
-        self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
-
-    def _epoch(self, epoch: int) -> list[np.ndarray]:
-        """Example indices of every global batch of `epoch`, in training order."""
-        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
-            return self._epoch_cache[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        n, gbs = len(self.examples), self.global_batch_size
-        order = rng.permutation(n)
-        # the last batch is completed from the start of the order, so every batch is full on every rank
-        order = np.concatenate([order, np.resize(order, self.batches_per_epoch * gbs - n)])
-        lengths = np.array([len(self.examples[i]) for i in order])
-        bucket = gbs * self.bucket_batches
-        batches = []
-        for start in range(0, len(order), bucket):
-            chunk = order[start : start + bucket]
-            chunk = chunk[np.argsort(-lengths[start : start + bucket], kind="stable")]
-            batches += [chunk[i : i + gbs] for i in range(0, len(chunk), gbs)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]  # long batches not all first
-        self._epoch_cache = (epoch, batches)
-        return batches
-
-    def _mine(self, step: int) -> list[Example]:
-        """This rank's examples of the global batch of `step`."""
-        epoch, i = divmod(step, self.batches_per_epoch)
-        picks = self._epoch(epoch)[i]
-        return [
-            self.examples[j] for j in picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        ]
+    noun = "examples"
+    data_name = "classification data"
+    examples: list[Example]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's rows of the global batch of `step`, padded to the longest row of the whole global batch
         (so every rank's tensors have one shape)."""
-        epoch, i = divmod(step, self.batches_per_epoch)
-        width = max(len(self.examples[j]) for j in self._epoch(epoch)[i])
-        x, lengths, labels = collate(self._mine(step), self.pad_id)
+        width = max(len(self.examples[j]) for j in self._picks(step))
+        x, lengths, labels = collate([self.examples[j] for j in self._mine(step)], self.pad_id)
         if x.shape[1] < width:
             x = torch.nn.functional.pad(x, (0, width - x.shape[1]), value=self.pad_id)
         return x, lengths, labels
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, lengths, labels = self.batch(self.step)
-        self.last_batch_tokens = int(lengths.sum())
-        self.step += 1
-        return x, lengths, labels
-
-    def state_dict(self) -> dict[str, Any]:
-        # The order is a function of (seed, epoch), so the step is the whole state.
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
-            "examples": len(self.examples),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = (state["seed"], state["global_batch_size"], state["examples"])
-        now = (self.seed, self.global_batch_size, len(self.examples))
-        if saved != now:
-            raise UserError(
-                f"cannot resume the classification data: saved seed / global batch / examples {saved}, "
-                f"now {now}; resume with the same data, seed and batch size"
-            )
-        self.step = int(state["step"])
 
 
 def eval_batches(

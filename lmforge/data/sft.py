@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.batching import BucketedBatches
 from lmforge.data.chat_format import tokenize_conversation
 from lmforge.errors import UserError
 
@@ -53,6 +54,9 @@ class ReadReport:
     problems: dict[str, list[int]] = field(default_factory=dict)  # reason -> 1-based line numbers
     details: dict[int, str] = field(default_factory=dict)  # line -> what exactly was wrong
     lines: list[int] = field(default_factory=list)  # line numbers of the kept conversations, in order
+    # class attributes, not fields: the summary's words, which `labels.LabelReport` replaces
+    noun = "conversations"
+    reasons = REASONS
 
     def skip(self, reason: str, line: int, detail: str) -> None:
         self.problems.setdefault(reason, []).append(line)
@@ -68,13 +72,13 @@ class ReadReport:
 
     def summary(self) -> str:
         """One line, e.g. `chat.jsonl: kept 95 of 100 conversations; skipped 3 broken JSON (lines 4, 9, 12)`."""
-        head = f"{self.path}: kept {self.kept} of {self.kept + self.skipped} conversations"
+        head = f"{self.path}: kept {self.kept} of {self.kept + self.skipped} {self.noun}"
         if not self.problems:
             return head
         parts = []
         for reason, lines in self.problems.items():
             shown = ", ".join(map(str, lines[:_SHOWN_LINES])) + (", ..." if len(lines) > _SHOWN_LINES else "")
-            parts.append(f"{len(lines)} {REASONS[reason]} (line{'s' if len(lines) > 1 else ''} {shown})")
+            parts.append(f"{len(lines)} {self.reasons[reason]} (line{'s' if len(lines) > 1 else ''} {shown})")
         return f"{head}; skipped {', '.join(parts)}"
 
 
@@ -204,100 +208,20 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-class SFTBatches:
+class SFTBatches(BucketedBatches):
     """Training batches of padded conversations; `next_batch()` gives this rank's (x, y), each (batch_size, T)
-    with T the longest row of the global batch, and sets `last_batch_tokens` to the real (non-padding) tokens
-    of its rows, which the loop logs. Epochs repeat forever, each in a fresh (seed, epoch) order."""
+    with T the longest row of the global batch (epoch order, buckets, ranks and resume: `BucketedBatches`)."""
 
-    def __init__(
-        self,
-        examples: Sequence[Example],
-        batch_size: int,
-        *,
-        pad_id: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        bucket_batches: int = 8,
-    ) -> None:
-        if not examples:
-            raise UserError("no training conversations left to batch")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.examples = list(examples)
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.bucket_batches = max(1, bucket_batches)
-        self.step = 0
-        self.last_batch_tokens = 0
-        self.batches_per_epoch = -(-len(self.examples) // self.global_batch_size)
-        self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    def _epoch(self, epoch: int) -> list[np.ndarray]:
-        """Example indices of every global batch of `epoch`, in the order they are trained."""
-        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
-            return self._epoch_cache[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        n, gbs = len(self.examples), self.global_batch_size
-        order = rng.permutation(n)
-        # the last batch is completed from the start of the order, so every batch is full on every rank
-        order = np.concatenate([order, np.resize(order, self.batches_per_epoch * gbs - n)])
-        lengths = np.array([len(self.examples[i]) for i in order])
-        bucket = gbs * self.bucket_batches
-        batches = []
-        for start in range(0, len(order), bucket):
-            chunk = order[start : start + bucket]
-            chunk = chunk[np.argsort(-lengths[start : start + bucket], kind="stable")]
-            batches += [chunk[i : i + gbs] for i in range(0, len(chunk), gbs)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]  # long batches not all first
-        self._epoch_cache = (epoch, batches)
-        return batches
-
-    def _picks(self, step: int) -> np.ndarray:
-        """Example indices of the global batch of `step`."""
-        epoch, i = divmod(step, self.batches_per_epoch)
-        return self._epoch(epoch)[i]
-
-    def _rows(self) -> slice:
-        return slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+    noun = "conversations"
+    data_name = "fine-tuning data"
+    examples: list[Example]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the global batch of `step`, padded to the longest row of the global batch (so
         every rank's tensors have one shape)."""
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         x, y = collate([self.examples[j] for j in self._picks(step)], self.pad_id)
-        return x[self._rows()], y[self._rows()]
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch(self.step)
-        self.last_batch_tokens = sum(len(self.examples[j]) for j in self._picks(self.step)[self._rows()])
-        self.step += 1
-        return x, y
-
-    def state_dict(self) -> dict[str, Any]:
-        # The order is a function of (seed, epoch), so the step is the whole state.
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
-            "examples": len(self.examples),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = (state["seed"], state["global_batch_size"], state.get("examples", len(self.examples)))
-        now = (self.seed, self.global_batch_size, len(self.examples))
-        if saved != now:
-            raise UserError(
-                f"cannot resume the fine-tuning data: saved seed / global batch / conversations {saved}, "
-                f"now {now}; resume with the same data, seed and batch size"
-            )
-        self.step = int(state["step"])
+        return x[rows], y[rows]
 
 
 def eval_batches(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.serve.db import Database
 
 DEFAULT_PG_URL = "postgresql+psycopg://lmforge:lmforge@127.0.0.1:5432/postgres"
@@ -83,6 +84,12 @@ def open_test_database(kind: str, tmp_path: Path) -> Iterator[Database]:
             yield db
         finally:
             db.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_metadata) -> Tokenizer:
+    """SmolLM2's tokenizer (from the GGUF's metadata): what the fake-engine servers tokenise with."""
+    return Tokenizer.from_gguf_metadata(smollm2_metadata)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -3,16 +3,12 @@ fake engine and a real database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-import uvicorn
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.serve import auth, metering
@@ -20,35 +16,17 @@ from lmforge.serve.app import create_app
 from lmforge.serve.db import Database
 from lmforge.serve.settings import Settings
 from tests.serve.fake_engine import FakeEngine
+from tests.serve.servers import bearer, serving_app
 
 TOKEN = "admin-token-0123456789"
 T0 = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_metadata) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smollm2_metadata)
-
-
 @contextmanager
 def serving(tokenizer: Tokenizer, db: Database | None, admin_token: str | None = TOKEN) -> Iterator[str]:
     settings = Settings(model_name="m", admin_token=admin_token)
-    app = create_app(settings, FakeEngine(), tokenizer, db=db)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving_app(create_app(settings, FakeEngine(), tokenizer, db=db)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -59,7 +37,7 @@ def base_url(database, tokenizer) -> Iterator[str]:
 
 @pytest.fixture
 def admin(base_url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+    with httpx.Client(base_url=base_url, headers=bearer(TOKEN), timeout=30) as client:
         yield client
 
 
@@ -115,7 +93,7 @@ def test_no_admin_api_without_a_token_or_a_database(database, tokenizer):
         for headers in ({}, {"Authorization": "Bearer anything"}):
             assert_error(httpx.get(f"{url}/admin/v1/tenants", headers=headers), 404, "not_found")
     with serving(tokenizer, None) as url:  # an open server: no admin API, no usage
-        assert_error(httpx.get(f"{url}/admin/v1/tenants", headers={"Authorization": f"Bearer {TOKEN}"}), 404)
+        assert_error(httpx.get(f"{url}/admin/v1/tenants", headers=bearer(TOKEN)), 404)
         assert_error(httpx.get(f"{url}/v1/usage"), 404, needle="metered server")
 
 
@@ -175,7 +153,7 @@ def test_admin_operations(database, admin, base_url):
     )
     assert_error(admin.post("/admin/v1/keys", json={"tenant": "acme", "expires_at": "2001-01-01"}), 400)
 
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {secret}"}) as tenant_client:
+    with httpx.Client(base_url=base_url, headers=bearer(secret)) as tenant_client:
         assert tenant_client.get("/v1/usage").status_code == 200
         r = admin.post(f"/admin/v1/keys/{created['id']}/revoke")
         assert r.status_code == 200 and r.json()["revoked_at"] is not None
@@ -235,7 +213,7 @@ def _ledger(database):
 
 def test_tenant_usage_shows_only_the_callers_tenant(database, base_url):
     secret_a, secret_b = _ledger(database)
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {secret_a}"}) as client:
+    with httpx.Client(base_url=base_url, headers=bearer(secret_a)) as client:
         r = client.get("/v1/usage", params={"month": "2026-11"})
         assert r.status_code == 200
         body = r.json()
@@ -289,7 +267,7 @@ def test_tenant_usage_shows_only_the_callers_tenant(database, base_url):
     ]
     assert "acme" not in str(other)
     # this month (the default) has nothing yet; other months are reachable but empty
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {secret_a}"}) as client:
+    with httpx.Client(base_url=base_url, headers=bearer(secret_a)) as client:
         now = client.get("/v1/usage").json()
         assert now["month"] == metering.month_of(datetime.now(UTC))
         assert client.get("/v1/usage", params={"month": "2026-10"}).json()["totals"]["requests"] == 0
@@ -314,7 +292,7 @@ def test_admin_usage_json_and_csv(database, admin, base_url):
         "acme,2026-11,total,3,1503,304,0.000405\n"
     )
     as_admin = admin.get("/admin/v1/usage", params={"tenant": "acme", "month": "2026-11"}).json()
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {secret_a}"}) as client:
+    with httpx.Client(base_url=base_url, headers=bearer(secret_a)) as client:
         assert as_admin == client.get("/v1/usage", params={"month": "2026-11"}).json()
     globex = admin.get(
         "/admin/v1/usage", params={"tenant": "globex", "month": "2026-11", "format": "csv"}

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import sqlalchemy as sa
 import torch
 
 from lmforge import checkpoint
 from lmforge.data.labels import encode_texts
-from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import Classifier
 from lmforge.errors import UserError
 from lmforge.models.classifier import SequenceClassifier
@@ -28,19 +23,14 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.gpt import build_model
 from lmforge.serve import auth, metering
 from lmforge.serve.app import create_app
-from lmforge.serve.db import usage as ledger
 from lmforge.serve.routes.classify import ServedClassifier, classification_usage, load_served
 from lmforge.serve.settings import Settings
 from tests.serve.conftest import assert_ledger_consistent
 from tests.serve.fake_engine import FakeEngine
+from tests.serve.servers import bearer, free_port, ledger_rows, serving_app, wait_ready
 
 LABELS = ["billing", "shipping", "technical"]
 MAX_SEQ_LEN = 32
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_metadata) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smollm2_metadata)
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +55,11 @@ def served(folder) -> ServedClassifier:
     return served
 
 
-def _serve(app) -> Iterator[str]:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def base_url(served, tokenizer) -> Iterator[str]:
     app = create_app(Settings(model_name="smollm2-test"), FakeEngine(), tokenizer, classifier=served)
-    yield from _serve(app)
+    with serving_app(app) as url:
+        yield url
 
 
 @pytest.fixture
@@ -176,7 +149,7 @@ def test_too_long_and_badly_typed_inputs_are_400(http):
 
 def test_a_server_without_a_classifier_says_so(tokenizer):
     app = create_app(Settings(model_name="smollm2-test"), FakeEngine(), tokenizer)
-    for url in _serve(app):
+    with serving_app(app) as url:
         r = httpx.post(f"{url}/v1/classifications", json={"model": "tickets", "input": "hi"})
         assert _error(r, 404, "model_not_found", "model").endswith("this server serves no classifier.")
 
@@ -207,24 +180,14 @@ def test_lmforge_serve_with_a_classifier(folder, served, tokenizer, tmp_path):
     """`lmforge serve LM --classifier NAME=PATH` over loopback: the classifier answers beside the LM."""
     lm = ModelConfig(arch="llama", vocab_size=49152, n_layer=1, n_head=2, n_embd=16, max_seq_len=64)
     model_dir = checkpoint.save(tmp_path / "lm", build_model(lm), tokenizer)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "LMFORGE_THREADS": "1", "LMFORGE_HOME": str(tmp_path / "home")}
     cmd = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port), "--no-auth",
            "--log-level", "warning", "--classifier", f"tickets={folder}"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not become ready"
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_ready(url, proc, proc.stdout.read, poll_s=0.2)
         texts = ["where is my parcel", "refund"]
         r = httpx.post(url + "/v1/classifications", json={"model": "tickets", "input": texts}, timeout=30)
         assert r.status_code == 200, r.text
@@ -249,10 +212,10 @@ def test_metered_classification_bills_the_usage_the_client_got(served, tokenizer
     )
     auth.create_tenant(database, "acme")
     _, secret = auth.create_key(database, "acme", rpm=10)
-    headers = {"Authorization": f"Bearer {secret}"}
+    headers = bearer(secret)
     metering.set_price(database, "tickets", input_usd="2", output_usd="3")
     texts = ["where is my parcel", "refund please"]
-    for url in _serve(app):
+    with serving_app(app) as url:
         with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
             models = http.get("/v1/models").json()["data"]
             assert [m["id"] for m in models] == ["smollm2-test", "tickets"]
@@ -280,8 +243,7 @@ def test_metered_classification_bills_the_usage_the_client_got(served, tokenizer
             monkeypatch.setattr(served.classifier, "classify", broken)
             r = http.post("/v1/classifications", json={"model": "tickets", "input": "hi"})
             assert r.status_code == 500
-    with database.read() as conn:
-        rows = conn.execute(sa.select(ledger).order_by(ledger.c.id)).all()
+    rows = ledger_rows(database)
     assert [(x.model, x.status) for x in rows] == [("tickets", "completed")] * 2 + [("tickets", "failed")]
     first = rows[0]
     assert first.request_id == first_id

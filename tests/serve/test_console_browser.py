@@ -17,10 +17,8 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from html.parser import HTMLParser
@@ -34,6 +32,7 @@ import sqlalchemy as sa
 from lmforge.serve.db import Database, usage
 from lmforge.serve.metering import format_usd
 from lmforge.serve.routes.console import CSP
+from tests.serve.servers import free_port, ledger_rows, settled_row, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,12 +43,6 @@ IN_PRICE, OUT_PRICE = 150_000, 600_000  # $0.15 / $0.60 per million tokens, in m
 QUESTION = "What is the capital of France?"
 MAX_TOKENS = 24
 TIMEOUT_MS = 30_000  # one Playwright wait; the CPU is shared, generation is slow when it is busy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the server ---------------------------------------------------------------------------------------------
@@ -70,18 +63,7 @@ class Server:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.proc.kill()
-        raise RuntimeError(f"server not ready:\n{self.log.read_text()}")
+        wait_ready(self.url, self.proc, self.log.read_text)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -110,17 +92,10 @@ class Deployment:
         self.url = server.url
 
     def rows(self) -> list:
-        with self.db.read() as conn:
-            return conn.execute(sa.select(usage).order_by(usage.c.id)).all()
+        return ledger_rows(self.db)
 
     def settled_row(self, request_id: str, timeout: float = 10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            row = next((r for r in self.rows() if r.request_id == request_id), None)
-            if row is not None and row.status != "pending":
-                return row
-            assert time.monotonic() < deadline, f"request {request_id} not settled: {row}"
-            time.sleep(0.05)
+        return settled_row(self.db, request_id, timeout, poll_s=0.05)
 
 
 @pytest.fixture(scope="module")

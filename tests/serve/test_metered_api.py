@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -25,24 +24,18 @@ import httpx
 import openai
 import pytest
 import sqlalchemy as sa
-import uvicorn
 
-from lmforge.data.tokenizer import Tokenizer
 from lmforge.serve import auth, metering
 from lmforge.serve.app import create_app
-from lmforge.serve.db import api_keys, instances, tenant_months, usage, utcnow
+from lmforge.serve.db import api_keys, instances, tenant_months, utcnow
 from lmforge.serve.settings import Settings
 from tests.serve.fake_engine import FakeEngine
+from tests.serve.servers import bearer, ledger_rows, new_key, sdk, serving_app, settled_row
 
 MODEL = "smollm2-test"
 REPLY = " Hello there, friend! How are you today?"
 USER = [{"role": "user", "content": "Say hello."}]
 IN_PRICE, OUT_PRICE = 2_000_000, 3_000_000  # $2 and $3 per million tokens, in micro-USD per million tokens
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_metadata) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smollm2_metadata)
 
 
 @pytest.fixture
@@ -55,25 +48,8 @@ def serving(database, engine, tokenizer, *, grace_s: float = 5.0, **settings) ->
     """The metered app on a free port for the block: its base URL."""
     settings = {"heartbeat_s": 0.2, "stale_after_s": 1.0} | settings
     app = create_app(Settings(model_name=MODEL, **settings), engine, tokenizer, db=database)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=grace_s
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=grace_s + 10)
-        assert not thread.is_alive()
+    with serving_app(app, grace_s) as url:
+        yield url
 
 
 @pytest.fixture
@@ -82,39 +58,9 @@ def url(database, engine, tokenizer) -> Iterator[str]:
         yield base
 
 
-def new_key(database, tenant: str = "acme", **kw) -> tuple[auth.ApiKey, str]:
-    if tenant not in {t.name for t in auth.list_tenants(database)}:
-        auth.create_tenant(database, tenant)
-    return auth.create_key(database, tenant, **kw)
-
-
-def sdk(url: str, secret: str, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=secret, **({"max_retries": 0} | kw))
-
-
-def bearer(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
-
-
-def rows(database) -> list:
-    with database.read() as conn:
-        return conn.execute(sa.select(usage).order_by(usage.c.id)).all()
-
-
-def row_of(database, request_id: str, timeout: float = 5.0):
-    """The ledger row of `request_id` once it is settled."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [r for r in rows(database) if r.request_id == request_id]
-        if found and found[0].status != "pending":
-            return found[0]
-        assert time.monotonic() < deadline, f"{request_id} not settled: {found}"
-        time.sleep(0.02)
-
-
 def assert_books_balance(database) -> None:
     """Every row settled and priced at its own prices; each tenant month's totals are the sum of its rows."""
-    ledger = rows(database)
+    ledger = ledger_rows(database)
     assert all(r.status in ("completed", "cancelled", "failed") for r in ledger), ledger
     assert all(r.reserved_pusd == 0 and r.finished_at is not None for r in ledger)
     for r in ledger:
@@ -158,7 +104,7 @@ def test_missing_malformed_and_unknown_keys_are_401(url, database, engine):
         sdk(url, "lmf-wrong").chat.completions.create(model=MODEL, messages=USER)
     assert e.value.status_code == 401 and "Incorrect API key" in e.value.body["message"]
     assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/ready").status_code == 200
-    assert engine.requests == [] and rows(database) == []
+    assert engine.requests == [] and ledger_rows(database) == []
 
 
 def test_revoked_expired_and_not_allowed_keys_are_403(url, database, engine):
@@ -190,7 +136,7 @@ def test_revoked_expired_and_not_allowed_keys_are_403(url, database, engine):
         url + "/v1/completions", json={"model": "gpt-4", "prompt": "x"}, headers=bearer(narrow_secret)
     )
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    assert engine.requests == [] and rows(database) == []
+    assert engine.requests == [] and ledger_rows(database) == []
 
 
 # --- rate limits ---------------------------------------------------------------------------------------
@@ -269,7 +215,7 @@ def test_rpm_n_plus_one_requests_get_exactly_one_429(url, database, engine):
         int(r.headers["x-ratelimit-remaining-requests"]) for r in responses if r.status_code == 200
     )
     assert remaining == list(range(n))
-    assert len(engine.requests) == n and len(rows(database)) == n
+    assert len(engine.requests) == n and len(ledger_rows(database)) == n
     with pytest.raises(openai.RateLimitError) as e:
         sdk(url, secret).completions.create(model=MODEL, prompt="x", max_tokens=1)
     assert e.value.body["code"] == "rate_limit_exceeded"
@@ -290,7 +236,7 @@ def test_tpm_limit(url, database):
     assert (
         e.value.body["type"] == "tokens" and e.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
     )
-    assert len(rows(database)) == 2
+    assert len(ledger_rows(database)) == 2
 
 
 # --- budgets -------------------------------------------------------------------------------------------
@@ -321,7 +267,7 @@ def test_budget_exhausted_is_insufficient_quota_and_not_retried(url, database, e
     # a smaller request still fits what is left
     r = client.completions.create(model=MODEL, prompt=[1], max_tokens=1)
     assert r.usage.total_tokens == 2
-    ledger = rows(database)
+    ledger = ledger_rows(database)
     assert len(ledger) == 3 and len(engine.requests) == 3
     assert [r.cost_pusd for r in ledger] == [one, one, cost(1, 1)]
     budget = metering.budget_status(database, "acme", metering.month_of(utcnow()))
@@ -337,14 +283,14 @@ def test_non_streamed_and_streamed_completions_bill_what_the_client_was_told(url
     _, secret = new_key(database)
     client = sdk(url, secret)
     r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=6)
-    row = row_of(database, r.id)
+    row = settled_row(database, r.id)
     assert (row.status, row.prompt_tokens, row.completion_tokens) == (
         "completed", r.usage.prompt_tokens, r.usage.completion_tokens)  # fmt: skip
     assert row.cost_pusd == cost(r.usage.prompt_tokens, 6) and row.model == MODEL and row.error is None
 
     # batch prompts x n: each prompt billed once, every choice's tokens billed
     r = client.completions.create(model=MODEL, prompt=["a b c", "d"], n=2, max_tokens=3)
-    row = row_of(database, r.id)
+    row = settled_row(database, r.id)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (4, 12)
     assert (row.prompt_tokens, row.completion_tokens, row.cost_pusd) == (4, 12, cost(4, 12))
 
@@ -354,13 +300,13 @@ def test_non_streamed_and_streamed_completions_bill_what_the_client_was_told(url
     chunks = list(stream)
     told = chunks[-1].usage
     # settled before [DONE] was sent: no waiting
-    (row,) = [x for x in rows(database) if x.request_id == chunks[0].id]
+    (row,) = [x for x in ledger_rows(database) if x.request_id == chunks[0].id]
     assert (row.status, row.prompt_tokens, row.completion_tokens) == (
         "completed", told.prompt_tokens, told.completion_tokens)  # fmt: skip
     assert told.completion_tokens == 7
 
     completion_chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=4, stream=True))
-    row = row_of(database, completion_chunks[0].id)
+    row = settled_row(database, completion_chunks[0].id)
     assert (row.status, row.completion_tokens) == ("completed", 4)
     assert_books_balance(database)
 
@@ -383,7 +329,7 @@ def test_stream_cancelled_midway_bills_what_was_generated(url, database, engine)
             if received == 3:
                 break
         stream.close()
-        row = row_of(database, chunk.id)
+        row = settled_row(database, chunk.id)
         assert row.status == "cancelled" and row.error is None
         assert 3 <= row.completion_tokens < 1000 and row.prompt_tokens == len(engine.requests[-1][0])
         assert row.cost_pusd == cost(row.prompt_tokens, row.completion_tokens)
@@ -401,7 +347,7 @@ def test_client_leaving_before_the_stream_starts_is_settled(url, database, engin
             url + "/v1/completions", json=body, headers=bearer(secret), timeout=httpx.Timeout(5, read=0.1)
         )
     (_, _, rid) = engine.requests[0]
-    row = row_of(database, rid.rsplit("-", 1)[0])
+    row = settled_row(database, rid.rsplit("-", 1)[0])
     assert row.status == "cancelled" and 1 <= row.completion_tokens <= 3  # the first token(s), not 1000
     deadline = time.monotonic() + 2
     while rid not in engine.aborted:
@@ -442,7 +388,7 @@ def test_stream_whose_response_cannot_start_is_settled(database, engine, tokeniz
     assert sent == ["http.response.start"]
     (_, _, rid) = engine.requests[0]
     assert rid in engine.aborted
-    (row,) = rows(database)
+    (row,) = ledger_rows(database)
     assert (row.status, row.completion_tokens) == ("cancelled", 1)
     assert row.cost_pusd == cost(row.prompt_tokens, 1) and row.prompt_tokens == len(engine.requests[0][0])
     assert_books_balance(database)
@@ -458,7 +404,7 @@ def test_client_leaving_a_non_streamed_request_bills_what_was_generated(url, dat
             url + "/v1/completions", json=body, headers=bearer(secret), timeout=httpx.Timeout(5, read=0.4)
         )
     (_, _, rid) = engine.requests[0]
-    row = row_of(database, rid.rsplit("-", 1)[0])
+    row = settled_row(database, rid.rsplit("-", 1)[0])
     assert row.status == "cancelled" and 5 <= row.completion_tokens < 1000
     assert row.cost_pusd == cost(row.prompt_tokens, row.completion_tokens)
     assert_books_balance(database)
@@ -470,7 +416,7 @@ def test_engine_errors_are_failed_rows(url, database, engine, tokenizer):
     engine.fail = RuntimeError("engine exploded")  # before the first token
     with pytest.raises(openai.InternalServerError):
         sdk(url, secret).completions.create(model=MODEL, prompt="x", max_tokens=5)
-    (row,) = rows(database)
+    (row,) = ledger_rows(database)
     assert (row.status, row.prompt_tokens, row.completion_tokens, row.cost_pusd) == ("failed", 0, 0, 0)
     assert "engine exploded" in row.error
     engine.fail = None
@@ -492,7 +438,7 @@ def test_engine_errors_are_failed_rows(url, database, engine, tokenizer):
     streamed = sum(
         bool(c["choices"] and c["choices"][0]["delta"].get("content")) for c in map(json.loads, events[:-2])
     )
-    row = row_of(database, json.loads(events[0])["id"])
+    row = settled_row(database, json.loads(events[0])["id"])
     assert row.status == "failed" and "mid-stream" in row.error
     assert row.completion_tokens >= streamed > 0 and row.cost_pusd == cost(
         row.prompt_tokens, row.completion_tokens
@@ -513,10 +459,10 @@ def test_request_cancelled_by_shutdown_is_still_settled(database, engine, tokeni
             daemon=True,
         )
         pending.start()
-        while not rows(database):
+        while not ledger_rows(database):
             time.sleep(0.01)
         time.sleep(0.2)
-    (row,) = rows(database)
+    (row,) = ledger_rows(database)
     assert row.status == "cancelled" and row.completion_tokens > 0 and row.reserved_pusd == 0
     assert_books_balance(database)
 
@@ -557,18 +503,20 @@ def test_start_up_settles_what_a_dead_process_left_pending(database, engine, tok
     )
     assert held.reserved_pusd == cost(10, 20)
     with serving(database, engine, tokenizer, heartbeat_s=0.1, stale_after_s=0.5) as base:
-        (row,) = rows(database)  # the lifespan ran before the first request could
+        (row,) = ledger_rows(database)  # the lifespan ran before the first request could
         assert (row.status, row.error, row.cost_pusd) == ("failed", metering.STALE_ERROR, 0)
         assert_books_balance(database)
         r = sdk(base, secret).completions.create(model=MODEL, prompt="x", max_tokens=2)
         with database.read() as conn:
             beats = conn.execute(sa.select(instances)).all()
-        assert [b.id for b in beats] == [rows(database)[-1].instance_id]  # only this live process is left
+        assert [b.id for b in beats] == [
+            ledger_rows(database)[-1].instance_id
+        ]  # only this live process is left
         time.sleep(0.3)
         with database.read() as conn:
             later = conn.execute(sa.select(instances.c.heartbeat_at)).scalar_one()
         assert later > beats[0].heartbeat_at  # it heartbeats
-    assert row_of(database, r.id).status == "completed"
+    assert settled_row(database, r.id).status == "completed"
     with database.read() as conn:  # a clean shutdown unregisters the process
         assert conn.execute(sa.select(instances)).all() == []
 

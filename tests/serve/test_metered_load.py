@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,8 +33,9 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.models.config import ModelConfig
 from lmforge.models.gpt import build_model
 from lmforge.serve import auth, metering
-from lmforge.serve.db import Database, tenant_months, usage
+from lmforge.serve.db import Database, tenant_months
 from tests.serve.conftest import pg_url
+from tests.serve.servers import free_port, ledger_rows, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -59,12 +59,6 @@ def tiny_model(tmp_path_factory, smollm2_metadata) -> Path:
     return checkpoint.save(tmp_path_factory.mktemp("tiny") / MODEL, build_model(cfg), tokenizer)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`lmforge serve` in a subprocess, its output in a log file (a full pipe would stall it)."""
 
@@ -81,18 +75,8 @@ class Server:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> Server:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.proc.kill()
-        raise RuntimeError(f"server not ready:\n{self.log.read_text()}")
+        wait_ready(self.url, self.proc, self.log.read_text)
+        return self
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -226,11 +210,6 @@ async def load(urls: list[str], secrets: list[str], n: int = 200) -> list[Outcom
             await c.close()
 
 
-def ledger(db: Database) -> list:
-    with db.read() as conn:
-        return conn.execute(sa.select(usage).order_by(usage.c.id)).all()
-
-
 def months(db: Database) -> list:
     with db.read() as conn:
         return conn.execute(sa.select(tenant_months)).all()
@@ -238,7 +217,7 @@ def months(db: Database) -> list:
 
 def assert_consistent(db: Database, *, settled: bool = True) -> list:
     """No half-written row; each tenant month's spent/reserved are the sums of its rows. The ledger."""
-    rows = ledger(db)
+    rows = ledger_rows(db)
     for r in rows:
         if r.status == "pending":
             assert not settled, r
@@ -304,12 +283,12 @@ def test_200_concurrent_requests_bill_exactly(tiny_model, tmp_path):
         statuses = {o.status for o in outcomes}
         assert statuses <= {"completed", "cancelled", "insufficient_quota", "rate_limit_exceeded"}, outcomes
         assert sum(o.status == "cancelled" for o in outcomes) >= 28  # 32 sent, key 7 may lose 4 to its RPM
-        rows = ledger(db)
+        rows = ledger_rows(db)
         # cancelled rows are settled as their streams unwind, just after the clients hang up
         deadline = time.monotonic() + 10
         while any(r.status == "pending" for r in rows) and time.monotonic() < deadline:
             time.sleep(0.1)
-            rows = ledger(db)
+            rows = ledger_rows(db)
         rows = assert_consistent(db)
         assert_told_equals_billed(outcomes, rows)
         assert_limits_held(outcomes, rows, db)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,17 +27,13 @@ from lmforge.engine import EngineDraining, EngineOverloaded
 from lmforge.serve.app import DrainingServer, create_app
 from lmforge.serve.settings import Settings
 from tests.serve.fake_engine import FakeEngine
+from tests.serve.servers import free_port, serving_app
 
 MODEL = "smollm2-test"
 MAX_SEQ_LEN = 512
 BODY_LIMIT = 64 * 1024
 REPLY = " Hello there, friend! How are you today?"
 USER = [{"role": "user", "content": "Say hello."}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_metadata) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smollm2_metadata)
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +44,8 @@ def engine() -> FakeEngine:
 @pytest.fixture(scope="module")
 def base_url(engine, tokenizer) -> Iterator[str]:
     app = create_app(Settings(model_name=MODEL, max_queue=8, max_body_bytes=BODY_LIMIT), engine, tokenizer)
-    with socket.socket() as s:  # a free port; uvicorn's port=0 would hide which one it took
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=5)
+    with serving_app(app) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -408,9 +392,7 @@ def test_health_ready_metrics(http, engine, client):
 def test_shutdown_drains_running_streams(tokenizer):
     engine = FakeEngine(script=tokenizer.encode(REPLY), delay=0.02)
     app = create_app(Settings(model_name=MODEL, drain_timeout_s=5), engine, tokenizer)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
     )

@@ -20,25 +20,20 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import sqlalchemy as sa
-import uvicorn
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.serve import auth, metering
+from lmforge.serve import metering
 from lmforge.serve.app import create_app
-from lmforge.serve.db import Database, usage
+from lmforge.serve.db import Database
 from lmforge.serve.protocol import ChatCompletionRequest
 from lmforge.serve.settings import Settings, UpstreamSettings
 from lmforge.serve.upstream import (
@@ -49,6 +44,7 @@ from lmforge.serve.upstream import (
     prompt_bound,
 )
 from tests.serve.fake_engine import FakeEngine
+from tests.serve.servers import bearer, free_port, ledger_rows, new_key, sdk, serving_app, wait_ready
 
 REMOTE = "smollm2-test"  # the upstream's own name for its model
 MODEL = "remote-chat"  # the name the gateway serves it under
@@ -61,63 +57,11 @@ DEFAULT_MAX = 8  # the upstream entry's max_tokens
 IN_PRICE, OUT_PRICE = 2_000_000, 3_000_000  # $2 and $3 per million tokens
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_metadata) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smollm2_metadata)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(app, grace_s: float = 5.0) -> Iterator[str]:
-    """`app` on a free port of 127.0.0.1 (uvicorn in a thread) for the block: its base URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=grace_s
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=grace_s + 10)
-        assert not thread.is_alive()
-
-
-def new_key(db: Database, tenant: str = "acme", **kw) -> tuple[auth.ApiKey, str]:
-    if tenant not in {t.name for t in auth.list_tenants(db)}:
-        auth.create_tenant(db, tenant)
-    return auth.create_key(db, tenant, **kw)
-
-
-def sdk(url: str, secret: str, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=secret, **({"max_retries": 0} | kw))
-
-
-def bearer(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
-
-
-def rows(db: Database) -> list:
-    with db.read() as conn:
-        return conn.execute(sa.select(usage).order_by(usage.c.id)).all()
-
-
 def settled(db: Database, count: int, timeout: float = 5.0) -> list:
     """The ledger once it has `count` rows, none pending."""
     deadline = time.monotonic() + timeout
     while True:
-        ledger = rows(db)
+        ledger = ledger_rows(db)
         if len(ledger) == count and all(r.status != "pending" for r in ledger):
             return ledger
         assert time.monotonic() < deadline, ledger
@@ -152,7 +96,7 @@ def upstream(tokenizer, tmp_path, monkeypatch) -> Iterator[Upstream]:
     monkeypatch.setenv("LMF_TEST_WRONG_KEY", "lmf-this-key-is-wrong-SECRETPART")
     engine = FakeEngine(max_seq_len=512, script=tokenizer.encode(REPLY))
     settings = Settings(model_name=REMOTE, heartbeat_s=0.2, stale_after_s=1.0)
-    with serving(create_app(settings, engine, tokenizer, db=db)) as url:
+    with serving_app(create_app(settings, engine, tokenizer, db=db)) as url:
         yield Upstream(engine, db, url, secret)
     db.close()
 
@@ -174,7 +118,7 @@ def gateway(database, upstream) -> Iterator[str]:
     settings = Settings(
         model_name=None, upstreams=upstream_entries(upstream.url), heartbeat_s=0.2, stale_after_s=1.0
     )
-    with serving(create_app(settings, NoEngine(created=1_700_000_000), None, db=database)) as url:
+    with serving_app(create_app(settings, NoEngine(created=1_700_000_000), None, db=database)) as url:
         yield url
 
 
@@ -205,13 +149,16 @@ def test_a_gateway_with_a_local_model_lists_both(database, upstream, tokenizer):
     settings = Settings(model_name="local", upstreams=upstream_entries(upstream.url)[:1])
     app = create_app(settings, FakeEngine(script=[1, 2, 3]), tokenizer, db=database)
     _, secret = new_key(database)
-    with serving(app) as url:
+    with serving_app(app) as url:
         client = sdk(url, secret)
         assert [m.id for m in client.models.list().data] == ["local", MODEL]
         local = client.completions.create(model="local", prompt=[5, 6], max_tokens=2)
         remote = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     assert local.usage.prompt_tokens == 2 and remote.usage.completion_tokens == 2
-    assert [(r.model, r.status) for r in rows(database)] == [("local", "completed"), (MODEL, "completed")]
+    assert [(r.model, r.status) for r in ledger_rows(database)] == [
+        ("local", "completed"),
+        (MODEL, "completed"),
+    ]
 
 
 # --- what the client gets, and what is billed ------------------------------------------------------------
@@ -293,7 +240,7 @@ def test_streams_bill_the_upstream_usage_whether_or_not_the_client_asks_for_it(
     assert [(r.prompt_tokens, r.completion_tokens) for r in up[1:]] == [
         (told.prompt_tokens, 7), (told.prompt_tokens, 7), (4, 4)]  # fmt: skip
     metering_totals = metering.usage_report(database, "acme", metering.month_of(row.started_at)).totals
-    assert metering_totals.cost_pusd == sum(r.cost_pusd for r in rows(database))
+    assert metering_totals.cost_pusd == sum(r.cost_pusd for r in ledger_rows(database))
 
 
 # --- refusals before the upstream is contacted -------------------------------------------------------------
@@ -307,7 +254,7 @@ def test_budget_refuses_before_contacting_the_upstream(gateway, database, upstre
         sdk(gateway, secret).chat.completions.create(model=MODEL, messages=USER, max_tokens=5)
     assert e.value.body["code"] == "insufficient_quota"
     assert e.value.response.headers["x-should-retry"] == "false"
-    assert upstream.engine.requests == [] and rows(database) == []
+    assert upstream.engine.requests == [] and ledger_rows(database) == []
     # a request whose hold fits goes through
     r = sdk(gateway, secret).chat.completions.create(model=MODEL, messages=USER, max_tokens=4)
     assert r.usage.completion_tokens == 4 and len(upstream.engine.requests) == 1
@@ -324,7 +271,7 @@ def test_a_keys_model_allow_list_applies_to_upstream_models(gateway, database, u
     assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
     r = httpx.post(gateway + "/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert r.status_code == 401
-    assert upstream.engine.requests == [] and rows(database) == []
+    assert upstream.engine.requests == [] and ledger_rows(database) == []
     assert sdk(gateway, allowed).chat.completions.create(model=MODEL, messages=USER, max_tokens=2).usage
     assert len(upstream.engine.requests) == 1
 
@@ -544,15 +491,7 @@ def test_lmforge_serve_no_model_is_a_metered_gateway(upstream, tokenizer, tmp_pa
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "the gateway did not become ready"
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_ready(url, proc, proc.stdout.read, timeout=60)
         client = sdk(url, secret)
         assert [m.id for m in client.models.list().data] == [MODEL]
         r = client.chat.completions.create(model=MODEL, messages=USER)
@@ -562,7 +501,7 @@ def test_lmforge_serve_no_model_is_a_metered_gateway(upstream, tokenizer, tmp_pa
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-    (row,) = rows(db)
+    (row,) = ledger_rows(db)
     assert (row.request_id, row.status, row.prompt_tokens, row.completion_tokens) == (
         r.id, "completed", r.usage.prompt_tokens, 5)  # fmt: skip
     db.close()
