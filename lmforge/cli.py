@@ -232,6 +232,9 @@ def serve(
     ] = 512,
     kv_cache_mb: Annotated[float, typer.Option(help="Memory for the KV cache, in MiB.")] = 1024.0,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait before new ones get 429.")] = 256,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="When idle, wait while requests keep arriving this close (at most 10x).")
+    ] = 3.0,
     prefix_caching: Annotated[bool, typer.Option(help="Reuse the KV of shared prompt prefixes.")] = True,
     drain_timeout: Annotated[
         float, typer.Option(help="Seconds running requests get to finish on SIGTERM.")
@@ -278,6 +281,8 @@ def serve(
     checked against its tenant's budget and written to the usage ledger. Models of other servers
     (--upstreams) are forwarded and metered the same way; with --no-model the server is only that gateway.
     """
+    if batch_wait_ms < 0:
+        raise UserError(f"--batch-wait-ms must be at least 0, got {batch_wait_ms}")
     import asyncio
     from pathlib import Path
 
@@ -342,7 +347,7 @@ def serve(
     llm = LLMEngine(ck.model, config, eos_ids=ck.eos_ids)
     for name, _, path in loras:
         llm.add_lora(name, path)
-    engine = AsyncEngine(llm, settings.model_name, max_waiting=max_queue)
+    engine = AsyncEngine(llm, settings.model_name, max_waiting=max_queue, batch_wait_s=batch_wait_ms / 1000)
     engine.start()
     try:
         app_ = create_app(settings, engine, ck.tokenizer, db=db, classifier=served_classifier)

@@ -40,9 +40,10 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, name: str, *, max_waiting: int = 256):
+    def __init__(self, engine: LLMEngine, name: str, *, max_waiting: int = 256, batch_wait_s: float = 0.0):
         self.engine = engine
         self.max_waiting = max_waiting
+        self.batch_wait_s = batch_wait_s
         cfg = engine.model_config
         self._info = ModelInfo(name, cfg.max_seq_len, cfg.vocab_size, int(time.time()))
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
@@ -146,8 +147,9 @@ class AsyncEngine:
             self._apply_commands()
             if not engine.has_unfinished:
                 self._stats = engine.stats()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
+                if self._wake.wait(timeout=0.5):
+                    self._wake.clear()
+                    self._gather()
                 continue
             try:
                 outputs = engine.step()
@@ -160,6 +162,17 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out.request_id, out)
             self._stats = engine.stats()
+
+    def _gather(self) -> None:
+        """Coming out of idle, let the rest of a burst arrive before the first step: requests that arrive
+        together (clients answered by the same step) reach the engine spread over a few ms of HTTP parsing,
+        tokenising and metering, and an engine that steps on the first would run it nearly alone and make the
+        rest wait a whole step. Waits while commands keep coming `batch_wait_s` apart, at most 10x that."""
+        if self.batch_wait_s <= 0:
+            return
+        deadline = time.monotonic() + 10 * self.batch_wait_s
+        while time.monotonic() < deadline and self._wake.wait(timeout=self.batch_wait_s):
+            self._wake.clear()
 
     def _apply_commands(self) -> None:
         while True:

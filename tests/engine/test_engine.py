@@ -166,3 +166,29 @@ def test_default_model_batched_equals_alone(smollm2):
     batched = engine.generate(prompts, params)
     singles = [[t.id for t in generate(smollm2.model, p, params, eos_ids=smollm2.eos_ids)] for p in prompts]
     assert batched == singles
+
+
+def test_async_engine_gathers_a_burst_into_one_first_step(tiny):
+    """Coming out of idle with batch_wait_s, requests arriving a few ms apart share the first step."""
+
+    async def main(batch_wait_s):
+        llm = LLMEngine(tiny, EngineConfig(kv_cache_mb=4))
+        seen = []  # requests in the engine at each step
+        step = llm.step
+        llm.step = lambda: (seen.append(len(llm.requests)), step())[1]
+        engine = AsyncEngine(llm, "tiny", batch_wait_s=batch_wait_s)
+        engine.start()
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+        async def one(i):
+            await asyncio.sleep(
+                0.005 * i
+            )  # a burst spread over 15 ms, as HTTP parsing and metering spread it
+            return [o async for o in engine.generate(random_prompts(1, seed=i)[0], params, f"r{i}")]
+
+        outs = await asyncio.gather(*(one(i) for i in range(4)))
+        await engine.shutdown(drain_timeout=1)
+        assert all(out[-1].finished for out in outs)
+        return seen
+
+    assert asyncio.run(main(0.05))[0] == 4  # gathered: quiet gaps under 50 ms, well under the 0.5 s cap
