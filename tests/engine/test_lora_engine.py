@@ -3,7 +3,6 @@ single-sequence generation with the adapter merged into the weights."""
 
 import asyncio
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ from lmforge.engine import AsyncEngine, EngineConfig, LLMEngine
 from lmforge.engine.generate import generate
 from lmforge.engine.types import SamplingParams
 from lmforge.errors import UserError
-from lmforge.models.config import ModelConfig
 from lmforge.models.gpt import GPT, build_model
+from tests.engine.conftest import random_prompts
 
 PEFT_PREFIX = "base_model.model.model."
 
@@ -59,26 +58,7 @@ def alone(model, prompt, params, eos_ids=frozenset()):
     return [t.id for t in generate(model, prompt, params, eos_ids=eos_ids)]
 
 
-def random_prompts(n, seed, lo=3, hi=60, vocab=97):
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
 # ------------------------------------------------------------------------------------------- a tiny Llama
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, max_seq_len=256
-    )
-    model = build_model(cfg)
-    with torch.no_grad():  # larger weights: peaked, far-from-tied logits so greedy is robust to rounding
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

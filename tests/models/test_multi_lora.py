@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import UserError
-from lmforge.models.config import ModelConfig, config_from_hf
+from lmforge.models.config import config_from_hf
 from lmforge.models.convert import hf_to_lmforge
 from lmforge.models.gpt import build_model
 from lmforge.models.layers import Linear
@@ -25,18 +25,8 @@ from lmforge.models.lora import (
     merge_lora,
     save_adapter,
 )
+from tests.models.test_lora import CFG, VOCAB
 
-VOCAB = 97
-CFG = ModelConfig(
-    arch="llama",
-    vocab_size=VOCAB,
-    n_layer=2,
-    n_head=4,
-    n_kv_head=2,
-    n_embd=32,
-    intermediate_size=64,
-    max_seq_len=64,
-)
 TOL = 1e-5  # fp32, max abs difference
 
 
