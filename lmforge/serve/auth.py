@@ -271,10 +271,8 @@ def authenticate(db: Database, authorization: str | None, *, now: datetime | Non
             "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
             "invalid_api_key",
         )
-    with db.engine.connect() as conn:  # one statement: its own implicit snapshot is enough
-        conn.execution_options(lmforge_read_only=True)
+    with db.statement(read_only=True) as conn:
         row = conn.execute(_BY_HASH, {"p_hash": hash_secret(secret)}).first()
-        conn.rollback()
     if row is None:
         raise AuthError(401, f"Incorrect API key provided: {_shown(secret)}.", "invalid_api_key")
     key = _key(row)

@@ -209,6 +209,8 @@ class Database:
                 _configure_sqlite(self.engine)
             else:
                 self.engine = sa.create_engine(parsed, pool_size=8, max_overflow=24, pool_recycle=3600)
+            # the same pool, each checkout in autocommit (set and reset on the client side, no round trip)
+            self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, OSError) as e:
             raise UserError(f"cannot open the database {self.display_url}: {e}") from None
 
@@ -224,6 +226,18 @@ class Database:
                 yield conn
             return
         with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def statement(self, *, read_only: bool = False) -> Iterator[sa.Connection]:
+        """A connection for ONE statement, which is atomic by itself. On PostgreSQL it runs in autocommit: one
+        round trip, where a transaction adds two (BEGIN, COMMIT) -- the request path counts them. On SQLite it
+        is `read()` or `write()`, whose BEGIN costs no round trip."""
+        if self.dialect == "postgresql":
+            with self._autocommit.connect() as conn:
+                yield conn
+            return
+        with self.read() if read_only else self.write() as conn:
             yield conn
 
     @contextmanager

@@ -114,6 +114,30 @@ def test_admit_and_settle_are_exact(database):
     assert_ledger_consistent(database)
 
 
+
+def test_the_request_path_costs_one_statement_per_step_on_postgres(database):
+    """The hot path's round trips (performance, not correctness): on PostgreSQL authenticate, admit and settle
+    are one statement each (admit inside BEGIN/COMMIT); SQLite's in-process statements are not counted."""
+    key = setup(database, rpm=100, tpm=10_000)
+    metering.set_budget(database, "acme", "25", month="2026-11")
+    _, secret = auth.create_key(database, "acme", rpm=100, tpm=10_000)
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    sa.event.listen(database.engine, "before_cursor_execute", count)
+    try:
+        assert auth.authenticate(database, f"Bearer {secret}").tenant == "acme"
+        a = go(database, key, "r1")
+        settle(database, a, prompt_tokens=10, completion_tokens=7, status="completed")
+    finally:
+        sa.event.remove(database.engine, "before_cursor_execute", count)
+    if database.dialect == "postgresql":
+        assert len(statements) == 3, statements
+    assert month_row(database) == (10 * IN + 7 * OUT, 0)
+    assert_ledger_consistent(database)
+
 def test_settle_is_idempotent(database):
     key = setup(database, tpm=1000)
     a = go(database, key, "r1", prompt=10, max_tokens=20)
