@@ -27,6 +27,7 @@ from lmforge.engine.types import EngineStats, RequestOutput, SamplingParams, Tok
 from lmforge.errors import UserError
 from lmforge.models.gpt import GPT
 from lmforge.models.kv_cache import CacheBatch, KVCache
+from lmforge.models.layers import pack_linears, packed_weights
 from lmforge.models.lora import MultiLoRA
 
 
@@ -38,6 +39,10 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int = 0  # > 0: cap one prompt's chunk per step (fairness to decodes)
+    pack_weights: bool = (
+        True  # oneDNN-packed copies of the linear weights (CPU fp32): ~30% faster decode steps,
+    )
+    # one more copy of the weights in memory (layers.Linear.pack)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:
@@ -62,6 +67,8 @@ class LLMEngine:
         self, model: GPT, config: EngineConfig = EngineConfig(), *, eos_ids: frozenset[int] = frozenset()
     ):
         self.model = model.eval()
+        if config.pack_weights:
+            pack_linears(self.model)
         self.config = config
         self.eos_ids = eos_ids
         self.model_config = model.config
@@ -200,7 +207,7 @@ class LLMEngine:
             sched.block_tables, sched.num_cached, sched.num_new, self.cache.block_size, self.device,
             self.model_config.sliding_window,
         )  # fmt: skip
-        with self._adapters(token_loras):
+        with self._adapters(token_loras), packed_weights():
             logits = self.model(
                 torch.tensor(ids, dtype=torch.long, device=self.device),
                 positions=torch.tensor(positions, dtype=torch.long, device=self.device),

@@ -16,6 +16,7 @@ from lmforge.engine.types import SamplingParams
 from lmforge.errors import UserError
 from lmforge.models.gpt import GPT
 from lmforge.models.kv_cache import CacheBatch, KVCache
+from lmforge.models.layers import pack_linears, packed_weights
 
 
 @dataclass
@@ -50,6 +51,7 @@ def generate(
     """Yield generated tokens one by one; the last one carries its finish reason."""
     cfg = model.config
     check_prompt(prompt_ids, cfg.max_seq_len)
+    pack_linears(model)  # as the engine does: the same kernels, so the same tokens as the engine's
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
     max_new = min(params.max_tokens, cfg.max_seq_len - len(prompt_ids))
@@ -71,9 +73,14 @@ def generate(
         n = min(prefill_chunk, len(ids) - done)
         batch = CacheBatch.build([table], [done], [n], block_size, device, cfg.sliding_window)
         pos = torch.arange(done, done + n, device=device)
-        logits = model(
-            ids[done : done + n], positions=pos, cache=cache, batch=batch, logits_rows=torch.tensor([n - 1])
-        )
+        with packed_weights():
+            logits = model(
+                ids[done : done + n],
+                positions=pos,
+                cache=cache,
+                batch=batch,
+                logits_rows=torch.tensor([n - 1]),
+            )
         done += n
 
     for step in range(max_new):
@@ -93,12 +100,10 @@ def generate(
             update_counts(counts, res.token_ids)
         pos = len(prompt_ids) + step
         batch = CacheBatch.build([table], [pos], [1], block_size, device, cfg.sliding_window)
-        logits = model(
-            res.token_ids,
-            positions=torch.tensor([pos], device=device),
-            cache=cache,
-            batch=batch,
-        )
+        with packed_weights():  # not around the yield: the caller's code runs between tokens
+            logits = model(
+                res.token_ids, positions=torch.tensor([pos], device=device), cache=cache, batch=batch
+            )
 
 
 @torch.inference_mode()
