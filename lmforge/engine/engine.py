@@ -101,6 +101,8 @@ class LLMEngine:
         if self.loras is None:
             self.loras = MultiLoRA(self.model)
         self.loras.add(name, path)
+        if self.config.pack_weights:  # the wrapped projections leave their Fused copies: pack them one by one
+            pack_linears(self.model)
 
     @property
     def lora_names(self) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
-"""layers.Linear's oneDNN-packed inference path: the same products as F.linear up to fp32 rounding, used only inside
-packed_weights() with autograd off, and never once the weight has changed since packing."""
+"""layers.Linear's oneDNN-packed inference path and the Fused q/k/v and gate/up products: the same results as
+F.linear up to fp32 rounding, used only inside packed_weights() with autograd off, and never once a weight has
+changed since packing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.models.config import ModelConfig
+from lmforge.models.gpt import build_model
 from lmforge.models.layers import PACKED_MAX_ROWS, Linear, pack_linears, packed_weights
 
 pytestmark = pytest.mark.skipif(
@@ -76,3 +79,35 @@ def test_autograd_and_big_batches_take_the_dense_path():
 def test_only_cpu_fp32_weights_are_packed():
     assert not Linear(8, 8).to(torch.bfloat16).pack()
     assert Linear(8, 8).pack()
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_a_packed_model_matches_the_unpacked_one_and_fuses_its_projections(qkv_bias):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, max_seq_len=64,
+        qkv_bias=qkv_bias,
+    )  # fmt: skip
+    model = build_model(cfg)
+    ids = torch.randint(0, 97, (3, 11))
+    with torch.inference_mode():
+        ref = model(ids)
+    # q, k, v, gate, up fused per layer; o, down and the head alone (tied: the head is the embedding)
+    assert pack_linears(model) == 7 * cfg.n_layer + 1
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attn._qkv is not None and mlp._gate_up is not None and attn.q_proj._packed is None
+    assert attn.o_proj._packed is not None
+    with torch.inference_mode(), packed_weights():
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+        assert attn._qkv.applies(torch.zeros(4, 64), (attn.q_proj, attn.k_proj, attn.v_proj))
+    # a weight changed after packing: that layer's fused copy is not used, the result follows the new weight
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(-1)
+        ref = model(ids)
+    with torch.inference_mode(), packed_weights():
+        assert not attn._qkv.applies(torch.zeros(4, 64), (attn.q_proj, attn.k_proj, attn.v_proj))
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+    assert pack_linears(model) == 7 * cfg.n_layer + 1  # refreshed
+    with torch.inference_mode(), packed_weights():
+        assert attn._qkv.applies(torch.zeros(4, 64), (attn.q_proj, attn.k_proj, attn.v_proj))
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
