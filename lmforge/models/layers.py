@@ -279,6 +279,8 @@ class Attention(nn.Module):
         k_cache, v_cache = cache  # (nkv, slots, hs)
         k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
+        if not batch.prefills and batch.decode_single is None and batch.decode_rows is not None:
+            return self._attend_decodes(q, k_cache, v_cache, batch)  # every row a decode: no scatter into y
         y = torch.empty_like(q)  # (N, nh, hs)
         for seq in batch.prefills:
             y[seq.start : seq.end] = self._attend_seq(q[seq.start : seq.end], k_cache, v_cache, seq)
@@ -286,23 +288,22 @@ class Attention(nn.Module):
             seq = batch.decode_single
             y[seq.start] = self._attend_seq(q[seq.start : seq.end], k_cache, v_cache, seq)[0]
         elif batch.decode_rows is not None:
-            rows = batch.decode_rows
-            g = self.n_head // self.n_kv_head
-            # Spelled out in the cache's own (nkv, Bd, ...) order: the gathered keys stay contiguous (SDPA would
-            # want (Bd, nkv, ...) and copy them again), and grouped query heads ride in the query axis.
-            qd = q[rows].view(-1, self.n_kv_head, g, self.head_dim).transpose(0, 1)  # (nkv, Bd, g, hs)
-            # index_select on the flat slots: 2-3x faster than advanced indexing with the (Bd, L) index
-            slots, shape = (
-                batch.decode_slots.view(-1),
-                (self.n_kv_head, *batch.decode_slots.shape, self.head_dim),
-            )
-            kd = k_cache.index_select(1, slots).view(shape)  # (nkv, Bd, L, hs)
-            vd = v_cache.index_select(1, slots).view(shape)
-            att = (qd @ kd.transpose(-1, -2)) * self.head_dim**-0.5  # (nkv, Bd, g, L)
-            att = att.masked_fill(batch.decode_pad, float("-inf")).softmax(dim=-1)
-            yd = (att @ vd).transpose(0, 1)  # (Bd, nkv, g, hs)
-            y[rows] = yd.reshape(-1, self.n_head, self.head_dim)
+            y[batch.decode_rows] = self._attend_decodes(q[batch.decode_rows], k_cache, v_cache, batch)
         return y
+
+    def _attend_decodes(self, q: torch.Tensor, k_cache, v_cache, batch: CacheBatch) -> torch.Tensor:
+        """The decode sequences' queries (Bd, nh, hs), one each, against their padded contexts at once."""
+        g = self.n_head // self.n_kv_head
+        # Spelled out in the cache's own (nkv, Bd, ...) order: the gathered keys stay contiguous (SDPA would
+        # want (Bd, nkv, ...) and copy them again), and grouped query heads ride in the query axis.
+        qd = q.view(-1, self.n_kv_head, g, self.head_dim).transpose(0, 1)  # (nkv, Bd, g, hs)
+        # index_select on the flat slots: 2-3x faster than advanced indexing with the (Bd, L) index
+        slots, shape = batch.decode_slots.view(-1), (self.n_kv_head, *batch.decode_slots.shape, self.head_dim)
+        kd = k_cache.index_select(1, slots).view(shape)  # (nkv, Bd, L, hs)
+        vd = v_cache.index_select(1, slots).view(shape)
+        att = (qd @ kd.transpose(-1, -2)) * self.head_dim**-0.5  # (nkv, Bd, g, L)
+        att = att.masked_fill(batch.decode_pad, float("-inf")).softmax(dim=-1)
+        return (att @ vd).transpose(0, 1).reshape(-1, self.n_head, self.head_dim)  # (Bd, nh, hs)
 
     def _attend_seq(self, q: torch.Tensor, k_cache, v_cache, seq: SeqSlice) -> torch.Tensor:
         """One sequence's t new queries (t, nh, hs) against its ctx_len cached keys."""
