@@ -114,7 +114,6 @@ def test_admit_and_settle_are_exact(database):
     assert_ledger_consistent(database)
 
 
-
 def test_the_request_path_costs_one_statement_per_step_on_postgres(database):
     """The hot path's round trips (performance, not correctness): on PostgreSQL authenticate, admit and settle
     are one statement each (admit inside BEGIN/COMMIT); SQLite's in-process statements are not counted."""
@@ -137,6 +136,7 @@ def test_the_request_path_costs_one_statement_per_step_on_postgres(database):
         assert len(statements) == 3, statements
     assert month_row(database) == (10 * IN + 7 * OUT, 0)
     assert_ledger_consistent(database)
+
 
 def test_settle_is_idempotent(database):
     key = setup(database, tpm=1000)
