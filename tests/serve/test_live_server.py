@@ -215,7 +215,10 @@ def test_bad_parameters_are_400(server):
 
 
 def test_queue_full_429_and_graceful_sigterm(smollm2_gguf):
-    srv = Server(smollm2_gguf, "--max-batch", "1", "--max-queue", "0", "--drain-timeout", "60")
+    # and the engine without packed weights (--no-pack-weights: the memory-saving configuration) serves alike
+    srv = Server(
+        smollm2_gguf, "--max-batch", "1", "--max-queue", "0", "--drain-timeout", "60", "--no-pack-weights"
+    )
     try:
         body = {"model": "smol", "prompt": "Count with me: one, two,", "max_tokens": 40, "stream": True,
                 "ignore_eos": True}  # fmt: skip
