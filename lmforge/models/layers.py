@@ -27,28 +27,32 @@ class Linear(nn.Linear):
     """nn.Linear with two inference paths for the engine's few-row products on the CPU.
 
     - `pack()` keeps a oneDNN copy of the weight in its blocked layout (what PyTorch's inductor does for CPU
-      linears), used inside `packed_weights()` while autograd is off. Skinny products are compute-bound here, not memory-bound (the
-      2-core dev machine streams 33 GB/s but MKL's sgemm reaches ~9 GB/s of weights at 16 rows), and oneDNN's
-      packed kernel does 20-35% better: SmolLM2's 1536x576 projection x 30 layers at 16 rows 9.9 ms instead of
-      13.8, at 1 row 5.3 instead of 8.2. It costs a second copy of the weights in memory.
+      linears), used inside `packed_weights()` while autograd is off. Skinny products are compute-bound here,
+      not memory-bound (the 2-core dev machine streams 33 GB/s, but MKL's sgemm reaches ~9 GB/s of weights at 16
+      rows), and oneDNN's packed kernel does 20-35% better: SmolLM2's 1536x576 projection x 30 layers at 16 rows
+      9.9 ms instead of 13.8, at 1 row 5.3 instead of 8.2. It costs a second copy of the weights in memory, and
+      its sums run in another order (logits differ by ~1e-4, fp32 rounding).
     - Unpacked, a handful of rows (batched decode: 2..64) run as W @ x^T, which MKL does faster than F.linear's
       transposed operands (the 49152x576 head at 16 rows: 14 ms instead of 21 ms).
-    Whole decode steps of SmolLM2 (no cache, one new token per row): 16 rows 99.3 -> 69.0 ms packed, 1 row
-    51.1 -> 46.1 ms. The packed kernel's sums come in another order: logits differ by ~1e-4 (fp32 rounding).
+
+    Whole engine decode steps of SmolLM2, packed with q/k/v and gate/up fused (bench/decode_step.py): 1.14x
+    faster at 16 sequences, 1.27x at 1.
     """
 
-    _packed: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight packed from, its version, copy)
+    _packed: tuple[tuple, torch.Tensor] | None = None  # (_state of the weight packed from, the copy)
 
     def pack(self) -> bool:
         """Make (or refresh) the oneDNN copy of the weight; False where there is none to make (not fp32 on the
         CPU, or a PyTorch without oneDNN). The copy is dropped from use as soon as the weight changes."""
-        w = self.weight
         if not self.pack_eligible():
             self._packed = None
             return False
         with torch.no_grad():
             # 16: the row count oneDNN picks its blocking for (a decode batch); any row count runs on it
-            self._packed = (w, w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16))
+            self._packed = (
+                _state(self.weight),
+                torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16),
+            )
         return True
 
     def pack_eligible(self) -> bool:
@@ -56,19 +60,27 @@ class Linear(nn.Linear):
         cpu_fp32 = w.device.type == "cpu" and w.dtype == torch.float32 and not w.is_inference()
         return cpu_fp32 and torch.backends.mkldnn.is_available()
 
+    def packed_current(self) -> bool:
+        """There is a packed copy and it was made from the present weight."""
+        return self._packed is not None and _unchanged(self._packed[0], self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed
-        if (
-            packed is not None
-            and _packed_path(x)
-            and packed[0] is self.weight
-            and packed[1] == self.weight._version
-        ):
-            return torch.ops.mkldnn._linear_pointwise(x, packed[2], self.bias, "none", [], "")
+        if self._packed is not None and _packed_path(x) and _unchanged(self._packed[0], self.weight):
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "none", [], "")
         if x.dim() == 2 and 1 < x.shape[0] <= 64:
             y = (self.weight @ x.t()).t().contiguous()
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
+
+
+def _state(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's present values: the object, its in-place version and its storage (`.data =`
+    and `module.to()` swap storage without a version bump)."""
+    return t, t._version, t.data_ptr()
+
+
+def _unchanged(state: tuple, t: torch.Tensor) -> bool:
+    return state[0] is t and state[1] == t._version and state[2] == t.data_ptr()
 
 
 class Fused:
@@ -79,10 +91,8 @@ class Fused:
     def __init__(self, linears: Sequence[Linear]):
         self.linears = tuple(linears)
         self.sizes = [m.out_features for m in linears]
-        # every parameter as it was when packed: the copy is stale once one is replaced or changed in place
-        self.params = [
-            (m, name, p, p._version) for m in linears for name, p in m.named_parameters(recurse=False)
-        ]
+        # every parameter as it was when packed: the copy is stale once one is replaced or changed
+        self.params = [(m, name, _state(p)) for m in linears for name, p in m.named_parameters(recurse=False)]
         with torch.no_grad():
             weight = torch.cat([m.weight for m in linears])
             self.bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
@@ -97,7 +107,7 @@ class Fused:
     def current(self, linears: Sequence[nn.Module]) -> bool:
         """Made from these very modules (none swapped, e.g. for LoRA) and their present parameters."""
         return all(a is b for a, b in zip(linears, self.linears, strict=True)) and all(
-            getattr(m, name) is p and p._version == v for m, name, p, v in self.params
+            _unchanged(state, getattr(m, name)) for m, name, state in self.params
         )
 
     def applies(self, x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
@@ -123,7 +133,7 @@ def pack_linears(model: nn.Module, *, fuse: bool = True) -> int:
             continue
         if id(m) in fused:
             m._packed = None  # served by its Fused copy: no second packed copy
-        elif m._packed is not None and m._packed[0] is m.weight and m._packed[1] == m.weight._version:
+        elif m.packed_current():
             count += 1
         else:
             count += m.pack()

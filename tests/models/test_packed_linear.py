@@ -60,6 +60,10 @@ def test_a_changed_weight_is_never_served_from_a_stale_copy():
     layer.weight = torch.nn.Parameter(torch.randn(1536, 576))  # replaced: a different tensor
     with torch.inference_mode(), packed_weights():
         assert torch.equal(layer(x), (layer.weight @ x.t()).t())
+    assert pack_linears(layer) == 1
+    layer.weight.data = torch.randn(1536, 576)  # new storage, no version bump (what module.to() does)
+    with torch.inference_mode(), packed_weights():
+        assert torch.equal(layer(x), (layer.weight @ x.t()).t())
     assert pack_linears(layer) == 1  # repacked from the new weight, which is now used
     with torch.inference_mode(), packed_weights():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
