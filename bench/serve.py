@@ -1,7 +1,8 @@
 """Serving throughput and latency of `lmforge serve` under concurrent streaming chat load.
 
     python bench/serve.py [--model smollm2-135m-instruct] [--levels 1,4,16,64] [--requests 32]
-                          [--max-tokens 64] [--peer-url http://127.0.0.1:8080] [--record]
+                          [--max-tokens 64] [--peer-url http://127.0.0.1:8080 [--peer-name N] [--peer-model M]]
+                          [--record]
 
 Starts the server as a subprocess (all cores), waits for /ready, and sends --requests streamed chat requests
 (temperature 0, `ignore_eos`, `max_tokens` 64) at each concurrency level, after one warm-up request. Then
@@ -165,6 +166,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, st: Stats
         st.tokens += deltas
 
 
+IGNORE_EOS = {"ignore_eos": True}  # vLLM's extension; emptied by --no-ignore-eos for servers that refuse it
+
+
 def chat_body(model: str, question: str, max_tokens: int, system: str | None = None) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
     return {
@@ -172,7 +176,7 @@ def chat_body(model: str, question: str, max_tokens: int, system: str | None = N
         "messages": [*messages, {"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "ignore_eos": True,
+        **IGNORE_EOS,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -285,6 +289,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--shared-concurrency", type=int, default=16)
     ap.add_argument("--peer-url", help="bench this running OpenAI-compatible server instead of lmforge")
+    ap.add_argument("--peer-name", help="--peer-url: the server's name in the table (default: its URL)")
+    ap.add_argument(
+        "--peer-model", help="--peer-url: the model to request (default: the first of /v1/models)"
+    )
+    ap.add_argument(
+        "--no-ignore-eos", action="store_true", help="leave out `ignore_eos` (for servers that refuse it, e.g. "
+        "`transformers serve`); requests may then end before max_tokens, and the table counts the tokens sent"
+    )  # fmt: skip
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     ap.add_argument("--metered", action="store_true", help="the metering overhead benchmark (see above)")
     ap.add_argument("--clients", type=int, default=16, help="--metered: concurrent clients")
@@ -296,12 +308,17 @@ def main() -> None:
         metered_main(args)
         return
     args.requests = args.requests or 32
+    if args.no_ignore_eos:
+        IGNORE_EOS.clear()
     levels = [int(x) for x in args.levels.split(",")]
     model, name = args.model, "lmforge"
     if args.peer_url:
         args.peer_url = args.peer_url.rstrip("/")
-        name = f"peer {args.peer_url}"
-        model = httpx.get(f"{args.peer_url}/v1/models", timeout=10).json()["data"][0]["id"]
+        name = args.peer_name or f"peer {args.peer_url}"
+        if args.peer_model:
+            model = args.peer_model
+        else:
+            model = httpx.get(f"{args.peer_url}/v1/models", timeout=10).json()["data"][0]["id"]
     else:
         from lmforge import store
         from lmforge.errors import UserError
