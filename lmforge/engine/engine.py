@@ -39,10 +39,9 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int = 0  # > 0: cap one prompt's chunk per step (fairness to decodes)
-    pack_weights: bool = (
-        True  # oneDNN-packed copies of the linear weights (CPU fp32): ~30% faster decode steps,
-    )
-    # one more copy of the weights in memory (layers.Linear.pack)
+    # oneDNN-packed copies of the linear weights (CPU fp32; layers.Linear.pack): decode steps 1.14-1.27x faster,
+    # one more copy of the weights in memory
+    pack_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:
