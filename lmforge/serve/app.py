@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from types import FrameType
 
@@ -67,6 +68,7 @@ def create_app(
         for up in upstreams.values():  # one connection pool per upstream, on the serving event loop
             up.open()
         if db is not None:
+            state.ledger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-ledger")
             state.instance_id = await run_in_threadpool(metering.register_instance, db)
             await _reconcile(db, settings.stale_after_s)
             heartbeat = asyncio.create_task(_heartbeat(db, state.instance_id, settings))
@@ -85,6 +87,9 @@ def create_app(
                     log.exception("could not unregister this server process")
             for up in upstreams.values():
                 await up.aclose()
+            if state.ledger is not None:  # every request has settled by now (uvicorn drained them)
+                state.ledger.shutdown(wait=True)
+                state.ledger = None
 
     app = FastAPI(title="lmforge", version="0.1.0", lifespan=lifespan)
     app.state.lmforge = state

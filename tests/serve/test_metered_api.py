@@ -311,6 +311,28 @@ def test_non_streamed_and_streamed_completions_bill_what_the_client_was_told(url
     assert_books_balance(database)
 
 
+def test_the_request_paths_database_work_runs_on_the_one_ledger_thread(database, engine, tokenizer):
+    priced(database)
+    _, secret = new_key(database)
+    threads: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        threads.append(threading.current_thread().name)
+
+    with serving(
+        database, engine, tokenizer, heartbeat_s=3600, stale_after_s=7200
+    ) as base:  # no heartbeat now
+        sa.event.listen(database.engine, "before_cursor_execute", record)
+        try:
+            client = sdk(base, secret)
+            client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+            list(client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True))
+        finally:
+            sa.event.remove(database.engine, "before_cursor_execute", record)
+    assert len(threads) >= 6 and {t.split("_")[0] for t in threads} == {"lmforge-ledger"}, threads
+    assert_books_balance(database)
+
+
 def test_stream_cancelled_midway_bills_what_was_generated(url, database, engine):
     priced(database)
     _, secret = new_key(database)

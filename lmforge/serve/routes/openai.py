@@ -21,6 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -78,7 +79,10 @@ log = logging.getLogger(__name__)
 async def _authenticate(request: Request) -> ApiKey | None:
     """The caller's API key (None on an open server), left in the request's state for the x-ratelimit-*
     headers the app adds to the response."""
-    key = None if get_state(request).db is None else await run_in_threadpool(require_key, request)
+    state = get_state(request)
+    key = None
+    if state.db is not None:
+        key = await asyncio.get_running_loop().run_in_executor(state.ledger, require_key, request)
     request.state.api_key = key
     return key
 
@@ -307,13 +311,15 @@ class _Tally:
         state.metrics.completion_tokens.inc(usage.completion_tokens)
 
 
-async def _uncancelled(fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
+async def _uncancelled(
+    executor: Executor | None, fn: Callable[[], T], undo: Callable[[T], object] | None = None
+) -> T:
     """Run a database transaction on a worker thread and wait for its outcome even if this task is cancelled
     meanwhile, so whether a ledger change happened is never unknown; then `undo(result)` (also waited for) and
     raise the cancellation. anyio's shield keeps the app's own cancel scopes out (a closed stream); a plain
     `task.cancel()` (uvicorn giving up on shutdown) still arrives, and is caught and deferred here."""
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(None, fn)
+    future = loop.run_in_executor(executor, fn)
     interrupted = False
     with anyio.CancelScope(shield=True):
         while True:
@@ -325,7 +331,7 @@ async def _uncancelled(fn: Callable[[], T], undo: Callable[[T], object] | None =
                     raise
                 interrupted = True
         if interrupted and undo is not None:
-            await asyncio.wait([loop.run_in_executor(None, undo, result)])
+            await asyncio.wait([loop.run_in_executor(executor, undo, result)])
     if interrupted:
         raise asyncio.CancelledError()
     return result
@@ -367,7 +373,7 @@ class Meter:
         )
         # admitted, but cancelled meanwhile: nothing will run, so the hold goes back at once
         undo = partial(_settle_unused, db)
-        self.admission = await _uncancelled(admit, undo)
+        self.admission = await _uncancelled(self.state.ledger, admit, undo)
         self.request.state.ratelimit_headers = self.admission.headers
 
     async def settle(self, status: str, error: str | None = None) -> None:
@@ -388,7 +394,7 @@ class Meter:
         )
         for wait in SETTLE_RETRIES_S:
             try:
-                await _uncancelled(settle)
+                await _uncancelled(self.state.ledger, settle)
                 return
             except Exception:
                 if wait is None:
