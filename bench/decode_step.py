@@ -55,8 +55,7 @@ def main() -> None:
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = Path(args.model) if Path(args.model).exists() else store.model_file(store.resolve(args.model))
-    ck = checkpoint.load(path)
+    ck = checkpoint.load(store.resolve(args.model))  # a store name or a path, as the CLI takes it
     text = TEXT.read_text()
     load = os.getloadavg()[0]
     rows = []
@@ -87,7 +86,7 @@ def main() -> None:
             "",
             *table,
         ]
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
             f.write("\n".join(entry) + "\n")
 
 

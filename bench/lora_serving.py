@@ -99,8 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    path = Path(args.model) if Path(args.model).exists() else store.model_file(store.resolve(args.model))
-    ck = checkpoint.load(path)
+    ck = checkpoint.load(store.resolve(args.model))  # a store name or a path, as the CLI takes it
     text = TEXT.read_text()
     prompts = [ck.tokenizer.encode(text[i * 3000 : i * 3000 + 2000])[:PROMPT_TOKENS] for i in range(BATCH)]
     load = os.getloadavg()[0]

@@ -65,7 +65,7 @@ class Linear(nn.Linear):
         return self._packed is not None and _unchanged(self._packed[0], self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and _packed_path(x) and _unchanged(self._packed[0], self.weight):
+        if _packed_path(x) and self.packed_current():
             return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "none", [], "")
         if x.dim() == 2 and 1 < x.shape[0] <= 64:
             y = (self.weight @ x.t()).t().contiguous()
@@ -99,10 +99,13 @@ class Fused:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
 
     @staticmethod
-    def fusable(linears: Sequence[nn.Module]) -> bool:
-        return all(type(m) is Linear and m.pack_eligible() for m in linears) and (
-            len({m.bias is None for m in linears}) == 1
-        )
+    def refresh(fused: Fused | None, linears: Sequence[nn.Module], fuse: bool) -> Fused | None:
+        """`fused` while it is current for `linears`, else a new Fused of them, or None where they cannot be
+        fused (not all plain packable Linears, mixed biases) or `fuse` is False."""
+        if fused is not None and fused.current(linears):
+            return fused
+        fusable = all(type(m) is Linear and m.pack_eligible() for m in linears)
+        return Fused(linears) if fuse and fusable and len({m.bias is None for m in linears}) == 1 else None
 
     def current(self, linears: Sequence[nn.Module]) -> bool:
         """Made from these very modules (none swapped, e.g. for LoRA) and their present parameters."""
@@ -234,9 +237,7 @@ class Attention(nn.Module):
 
     def pack_fused(self, fuse: bool = True) -> tuple[Linear, ...]:
         """Make (or drop) the Fused q/k/v copy; the Linears it serves."""
-        qkv = (self.q_proj, self.k_proj, self.v_proj)
-        if self._qkv is None or not self._qkv.current(qkv):
-            self._qkv = Fused(qkv) if fuse and Fused.fusable(qkv) else None
+        self._qkv = Fused.refresh(self._qkv, (self.q_proj, self.k_proj, self.v_proj), fuse)
         return () if self._qkv is None else self._qkv.linears
 
     def forward(
@@ -381,9 +382,7 @@ class MLP(nn.Module):
         """Make (or drop) the Fused gate/up copy; the Linears it serves."""
         if not self.gated:
             return ()
-        pair = (self.gate_proj, self.up_proj)
-        if self._gate_up is None or not self._gate_up.current(pair):
-            self._gate_up = Fused(pair) if fuse and Fused.fusable(pair) else None
+        self._gate_up = Fused.refresh(self._gate_up, (self.gate_proj, self.up_proj), fuse)
         return () if self._gate_up is None else self._gate_up.linears
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,14 @@ model outside the key's allow-list.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -307,17 +309,20 @@ def api_error(exc: AuthError) -> Exception:
     return APIError(exc.status, exc.message, type=kind, code=exc.code)
 
 
-def require_key(request: Request) -> ApiKey | None:
-    """The request's API key (401/403 otherwise); None on an open server (no database). A sync dependency, so
-    FastAPI runs its database read in the thread pool. The key is left in `request.state.api_key`, where the
-    app's RateLimitHeaders middleware finds it to add the x-ratelimit-* headers to the response."""
+async def require_key(request: Request) -> ApiKey | None:
+    """The request's API key (401/403 otherwise); None on an open server (no database). Its database read runs
+    on the app's ledger thread, with the rest of the request path's database work (`ServerState.ledger`). The
+    key is left in `request.state.api_key`, where the app's RateLimitHeaders middleware finds it to add the
+    x-ratelimit-* headers to the response."""
     from lmforge.serve.deps import get_state
 
-    db = get_state(request).db
-    if db is None:
+    state = get_state(request)
+    if state.db is None:
+        request.state.api_key = None
         return None
+    read = partial(authenticate, state.db, request.headers.get("authorization"))
     try:
-        key = authenticate(db, request.headers.get("authorization"))
+        key = await asyncio.get_running_loop().run_in_executor(state.ledger, read)
     except AuthError as e:
         raise api_error(e) from None
     request.state.api_key = key

@@ -7,13 +7,14 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+
+from tests.serve.servers import free_port, wait_ready
 
 openai = pytest.importorskip("openai")
 
@@ -23,12 +24,6 @@ QUESTIONS = [
     "Name a famous painter.", "Why is the sky blue?", "Give me a tip for sleeping better.", "What is a noun?",
     "How many legs does a spider have?", "What is the opposite of cold?", "Suggest a name for a dog.",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -41,17 +36,7 @@ class Server:
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
+        wait_ready(self.url, self.proc, self.proc.stdout.read)
 
     def metric(self, name: str) -> float:
         for line in httpx.get(self.url + "/metrics").text.splitlines():

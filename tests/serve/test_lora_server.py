@@ -4,26 +4,19 @@ SDK over loopback: adapters listed as models, chosen by `"model": "base:adapter"
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from lmforge.engine.types import SamplingParams
 from tests.engine.test_lora_engine import alone, merged_model, write_adapter
+from tests.serve.servers import free_port, wait_ready
 
 openai = pytest.importorskip("openai")
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +42,7 @@ def server(smollm2_gguf, adapters):
            "--lora", f"a={adapters['a']}", "--lora", f"b={adapters['b']}"]  # fmt: skip
     env = {**os.environ, "LMFORGE_THREADS": "2"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.2)
+    wait_ready(url, proc, proc.stdout.read)
     yield url
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0

@@ -76,18 +76,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-async def _authenticate(request: Request) -> ApiKey | None:
-    """The caller's API key (None on an open server), left in the request's state for the x-ratelimit-*
-    headers the app adds to the response."""
-    state = get_state(request)
-    key = None
-    if state.db is not None:
-        key = await asyncio.get_running_loop().run_in_executor(state.ledger, require_key, request)
-    request.state.api_key = key
-    return key
-
-
-router = APIRouter(dependencies=[Depends(_authenticate)])
+router = APIRouter(dependencies=[Depends(require_key)])
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -571,7 +560,7 @@ def _completion_logprobs(
     responses={**_ERRORS, 200: {"content": _STREAM}},
 )
 async def create_completion(
-    body: CompletionRequest, request: Request, key: ApiKey | None = Depends(_authenticate)
+    body: CompletionRequest, request: Request, key: ApiKey | None = Depends(require_key)
 ) -> Response:
     state = get_state(request)
     if body.model in state.upstreams:  # forwarded to another server, metered the same way
@@ -648,7 +637,7 @@ async def create_completion(
     responses={**_ERRORS, 200: {"content": _STREAM}},
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, key: ApiKey | None = Depends(_authenticate)
+    body: ChatCompletionRequest, request: Request, key: ApiKey | None = Depends(require_key)
 ) -> Response:
     state = get_state(request)
     if body.model in state.upstreams:  # forwarded to another server, metered the same way

@@ -76,12 +76,10 @@ def usage_body(db: Database, tenant: str, month: str, *, recent: int = 20) -> di
     }
 
 
-def _key(request: Request) -> ApiKey:
+async def _key(request: Request) -> ApiKey:
     if get_state(request).db is None:
         raise APIError(404, "Usage is only recorded by a metered server (this one runs with --no-auth).")
-    key = require_key(request)
-    request.state.api_key = key  # the x-ratelimit-* headers middleware reads it
-    return key
+    return await require_key(request)
 
 
 @router.get("/v1/usage")
