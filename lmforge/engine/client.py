@@ -159,8 +159,7 @@ class AsyncEngine:
                     engine.abort(rid)
                     self._deliver(rid, e)
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_all(outputs)
             self._stats = engine.stats()
 
     def _gather(self) -> None:
@@ -190,9 +189,26 @@ class AsyncEngine:
             elif isinstance(cmd, _Abort):
                 self.engine.abort(cmd.request_id)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs: one wake-up of each event loop for all of them (a step of 16 sequences used to
+        write to the loop's self-pipe 16 times)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._lock:
             target = self._streams.get(request_id)
         if target is not None:
             loop, out_queue = target
             loop.call_soon_threadsafe(out_queue.put_nowait, item)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for out_queue, item in items:
+        out_queue.put_nowait(item)

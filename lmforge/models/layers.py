@@ -209,17 +209,19 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (*positions.shape, 1, head_dim), ready to broadcast over heads."""
+    """cos and sin of shape (*positions.shape, 1, head_dim), ready to broadcast over heads; sin's first half is
+    negated, so that apply_rope rotates by swapping halves (one op fewer per layer than negating them)."""
     freqs = positions.float()[..., None] * inv_freq  # (..., hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # (..., 1, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[..., None, :]
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., n_heads, head_dim) in HF's half-split convention (not interleaved pairs)."""
+    """Rotate x (..., n_heads, head_dim) in HF's half-split convention (not interleaved pairs):
+    x * cos + cat(-x2, x1) * sin, with the sign carried by rope_cos_sin's sin."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)
 
 
 class Attention(nn.Module):
@@ -304,17 +306,22 @@ class Attention(nn.Module):
 
     def _attend_decodes(self, q: torch.Tensor, k_cache, v_cache, batch: CacheBatch) -> torch.Tensor:
         """The decode sequences' queries (Bd, nh, hs), one each, against their padded contexts at once."""
-        g = self.n_head // self.n_kv_head
+        nkv, g, hs = self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim
+        if batch.sliding_window != self.sliding_window:  # its padding mask is the window's
+            raise ValueError(
+                f"a CacheBatch built for sliding window {batch.sliding_window} attends a layer "
+                f"with sliding window {self.sliding_window}"
+            )
         # Spelled out in the cache's own (nkv, Bd, ...) order: the gathered keys stay contiguous (SDPA would
         # want (Bd, nkv, ...) and copy them again), and grouped query heads ride in the query axis.
-        qd = q.view(-1, self.n_kv_head, g, self.head_dim).transpose(0, 1)  # (nkv, Bd, g, hs)
+        qd = q.view(-1, nkv, g, hs).transpose(0, 1).reshape(-1, g, hs)  # (nkv * Bd, g, hs)
         # index_select on the flat slots: 2-3x faster than advanced indexing with the (Bd, L) index
-        slots, shape = batch.decode_slots.view(-1), (self.n_kv_head, *batch.decode_slots.shape, self.head_dim)
-        kd = k_cache.index_select(1, slots).view(shape)  # (nkv, Bd, L, hs)
+        slots, shape = batch.decode_slots.view(-1), (-1, batch.decode_slots.shape[1], hs)
+        kd = k_cache.index_select(1, slots).view(shape)  # (nkv * Bd, L, hs)
         vd = v_cache.index_select(1, slots).view(shape)
-        att = (qd @ kd.transpose(-1, -2)) * self.head_dim**-0.5  # (nkv, Bd, g, L)
-        att = att.masked_fill(batch.decode_pad, float("-inf")).softmax(dim=-1)
-        return (att @ vd).transpose(0, 1).reshape(-1, self.n_head, self.head_dim)  # (Bd, nh, hs)
+        # scale and padding mask inside the product: one op instead of bmm, mul and masked_fill
+        att = torch.baddbmm(batch.decode_bias_for(nkv, g), qd, kd.transpose(1, 2), alpha=hs**-0.5).softmax(-1)
+        return torch.bmm(att, vd).view(nkv, -1, g, hs).transpose(0, 1).reshape(-1, self.n_head, hs)
 
     def _attend_seq(self, q: torch.Tensor, k_cache, v_cache, seq: SeqSlice) -> torch.Tensor:
         """One sequence's t new queries (t, nh, hs) against its ctx_len cached keys."""
@@ -390,7 +397,7 @@ class MLP(nn.Module):
             return self.down_proj(self.act(self.up_proj(x)))
         if self._gate_up is not None and self._gate_up.applies(x, (self.gate_proj, self.up_proj)):
             gate, up = self._gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
+            return self.down_proj(self.act(gate).mul_(up))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -404,5 +411,7 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, cache=None, batch=None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, cache, batch))
-        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+        h = self.self_attn(self.input_layernorm(x), rope, cache, batch)
+        x = x + (self.resid_dropout(h) if self.training else h)  # eval: no module call (60 a decode step)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.resid_dropout(h) if self.training else h)

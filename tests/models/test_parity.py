@@ -17,19 +17,28 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 257
 
 
+# the tiny shape every decoder below shares (GPT-2 aside)
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4
+)
+
+
 def _hf_models():
     torch.manual_seed(0)
+    llama3_rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     return {
         "gpt2": transformers.GPT2LMHeadModel(
             transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4)
         ),
         "llama": transformers.LlamaForCausalLM(
             transformers.LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=64,
-                intermediate_size=160,
-                num_hidden_layers=2,
-                num_attention_heads=4,
+                **TINY,
                 num_key_value_heads=2,
                 max_position_embeddings=128,
                 tie_word_embeddings=False,
@@ -38,44 +47,22 @@ def _hf_models():
         ),
         "llama3-rope": transformers.LlamaForCausalLM(
             transformers.LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=64,
-                intermediate_size=160,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=1,
-                max_position_embeddings=256,
-                rope_scaling={
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 32,
-                },
+                **TINY, num_key_value_heads=1, max_position_embeddings=256, rope_scaling=llama3_rope
             )
         ),
         "qwen2": transformers.Qwen2ForCausalLM(
             transformers.Qwen2Config(
-                vocab_size=VOCAB,
-                hidden_size=64,
-                intermediate_size=160,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=128,
-                tie_word_embeddings=True,
+                **TINY, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True
             )
         ),
         "mistral": transformers.MistralForCausalLM(
             transformers.MistralConfig(
-                vocab_size=VOCAB,
-                hidden_size=64,
-                intermediate_size=160,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=128,
-                sliding_window=None,
+                **TINY, num_key_value_heads=2, max_position_embeddings=128, sliding_window=None
+            )
+        ),
+        "mistral-window": transformers.MistralForCausalLM(
+            transformers.MistralConfig(
+                **TINY, num_key_value_heads=2, max_position_embeddings=128, sliding_window=8
             )
         ),
     }
@@ -94,7 +81,7 @@ def assert_close(ours, ref, rtol=1e-4):
     assert err <= rtol * scale, f"max abs err {err:.3g} (mean {mean:.3g}) vs scale {scale:.3g}"
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "llama3-rope", "qwen2", "mistral"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "llama3-rope", "qwen2", "mistral", "mistral-window"])
 def pair(request, tmp_path_factory):
     hf = _hf_models()[request.param].eval()
     folder = tmp_path_factory.mktemp(request.param)
@@ -144,6 +131,50 @@ def test_paged_cache_matches_full_forward(pair):
                 done[i] += k
     for out, ref in zip(outs, refs, strict=True):
         assert_close(torch.cat(out), ref)
+
+
+def test_batched_decodes_match_full_forward(pair):
+    """Sequences of different lengths decoding together (the padded decode path, with its window mask where
+    the model has one) equal the plain causal forward of each sequence."""
+    hf, ours = pair
+    gen = torch.Generator().manual_seed(3)
+    lens, prompt = [30, 14, 23], [9, 3, 17]
+    seqs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in lens]
+    with torch.no_grad():
+        refs = [hf(s[None]).logits[0] for s in seqs]
+    cache, window = KVCache(ours.config, num_blocks=24, block_size=4), ours.config.sliding_window
+    perm = torch.randperm(24, generator=gen).tolist()
+    tables = [perm[0:8], perm[8:12], perm[12:18]]
+    with torch.no_grad():
+        for i in range(3):  # each prompt alone
+            batch = CacheBatch.build([tables[i]], [0], [prompt[i]], 4, sliding_window=window)
+            ours(seqs[i][: prompt[i]], positions=torch.arange(prompt[i]), cache=cache, batch=batch)
+        done, outs = list(prompt), [[], [], []]
+        while live := [i for i in range(3) if done[i] < lens[i]]:  # then one token each, all together
+            cached = [done[i] for i in live]
+            batch = CacheBatch.build(
+                [tables[i] for i in live], cached, [1] * len(live), 4, sliding_window=window
+            )
+            ids = torch.stack([seqs[i][done[i]] for i in live])
+            logits = ours(ids, positions=torch.tensor(cached), cache=cache, batch=batch)
+            for row, i in enumerate(live):
+                outs[i].append(logits[row])
+                done[i] += 1
+    for i in range(3):
+        assert_close(torch.stack(outs[i]), refs[i][prompt[i] :])
+
+
+@pytest.mark.parametrize("pair", ["mistral-window"], indirect=True)
+def test_a_batch_built_without_the_models_window_is_refused(pair):
+    _, ours = pair
+    batch = CacheBatch.build([[0, 1], [2, 3]], [5, 6], [1, 1], 4)  # two decodes, no window
+    with pytest.raises(ValueError, match="sliding window"):
+        ours(
+            torch.tensor([1, 2]),
+            positions=torch.tensor([5, 6]),
+            cache=KVCache(ours.config, 4, 4),
+            batch=batch,
+        )
 
 
 def test_incomplete_config_is_a_user_error():
