@@ -268,6 +268,14 @@ class Server:
             Path(self.log.name).unlink()  # a clean run leaves nothing behind
         return rc
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc; nan elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def tail(self, n: int = 40) -> str:
         self.log.flush()
         return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
@@ -484,14 +492,17 @@ def metered_main(args: argparse.Namespace) -> None:
         for server in servers:
             server.wait_ready()
         rates: list[list[float]] = [[] for _ in configs]
+        cpu: list[list[float]] = [[] for _ in configs]  # server process CPU ms per request, each round
         errors = 0
         for r in range(args.rounds):
             for i in [(r + j) % len(configs) for j in range(len(configs))]:
+                before = servers[i].cpu_seconds()
                 rate, failed = asyncio.run(
                     tiny_requests(servers[i].url, model, configs[i][2], args.requests, args.clients)
                 )
                 servers[i].check_alive()
                 rates[i].append(rate)
+                cpu[i].append((servers[i].cpu_seconds() - before) / (args.requests + 4) * 1e3)
                 errors += failed
                 print(f"round {r + 1}: {configs[i][0]}: {rate:.1f} req/s", flush=True)
     finally:
@@ -501,12 +512,13 @@ def metered_main(args: argparse.Namespace) -> None:
                 conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
             pg_admin.dispose()
     medians = [sorted(x)[len(x) // 2] for x in rates]
+    cpu_medians = [sorted(x)[len(x) // 2] for x in cpu]
     table = [
-        "| server | req/s (median) | req/s per round | vs unmetered |",
-        "|---|---|---|---|",
+        "| server | req/s (median) | req/s per round | vs unmetered | server CPU ms/request (median) |",
+        "|---|---|---|---|---|",
         *(
-            f"| {name} | {m:.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {m / medians[0]:.3f}x |"
-            for (name, _, _), m, xs in zip(configs, medians, rates, strict=True)
+            f"| {name} | {m:.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {m / medians[0]:.3f}x | {c:.2f} |"
+            for (name, _, _), m, xs, c in zip(configs, medians, rates, cpu_medians, strict=True)
         ),
     ]
     note = f"Errors: {errors}. Server exit status after SIGTERM: {', '.join(map(str, exits))} (0 expected)."

@@ -273,8 +273,8 @@ def authenticate(db: Database, authorization: str | None, *, now: datetime | Non
             "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
             "invalid_api_key",
         )
-    with db.statement(read_only=True) as conn:
-        row = conn.execute(_BY_HASH, {"p_hash": hash_secret(secret)}).first()
+    with db.raw(transaction=False) as cur:  # one statement: no transaction needed
+        row = db.prepared(_BY_HASH).first(cur, {"p_hash": hash_secret(secret)})
     if row is None:
         raise AuthError(401, f"Incorrect API key provided: {_shown(secret)}.", "invalid_api_key")
     key = _key(row)

@@ -16,6 +16,7 @@ re-evaluates its WHERE clause on the locked row.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from collections.abc import Iterator
@@ -213,6 +214,54 @@ class Database:
             self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, OSError) as e:
             raise UserError(f"cannot open the database {self.display_url}: {e}") from None
+        self.dbapi_error = self.engine.dialect.loaded_dbapi.Error  # the driver's base exception
+        self._prepared: dict[int, Prepared] = {}
+
+    def prepared(self, stmt: sa.Executable) -> Prepared:
+        """`stmt` compiled for this database, once (statements are module constants: the cache stays small)."""
+        found = self._prepared.get(id(stmt))
+        if found is None:
+            found = self._prepared[id(stmt)] = Prepared(stmt, self.engine.dialect)
+        return found
+
+    @contextmanager
+    def raw(self, *, transaction: bool) -> Iterator[Any]:
+        """A DB-API cursor on a pooled connection, for the request path's hot statements (`prepared()`):
+        SQLAlchemy's execution layer cost twice SQLite's own work per statement there (a checkout from the pool
+        costs ~10 us). `transaction`: one write transaction as `write()` takes it (SQLite: the process's write
+        lock, then BEGIN IMMEDIATE), committed when the block ends and rolled back if it raises; otherwise
+        autocommit, for ONE statement (atomic by itself). Driver errors come out as SQLAlchemy's."""
+        proxied = self.engine.raw_connection()
+        conn = proxied.driver_connection
+        postgres = self.dialect == "postgresql"
+        if postgres:
+            conn.autocommit = True  # client-side; transactions are explicit below
+        cur = conn.cursor()
+        try:
+            if not transaction:
+                yield cur
+            elif not postgres:
+                with self._write_lock:
+                    cur.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield cur
+                    except BaseException:
+                        cur.execute("ROLLBACK")
+                        raise
+                    cur.execute("COMMIT")
+            else:
+                with conn.transaction():  # BEGIN .. COMMIT (or ROLLBACK if the block raises)
+                    yield cur
+        except self.dbapi_error as e:
+            if self.engine.dialect.is_disconnect(e, conn, cur):
+                proxied.invalidate()  # the pool opens a new one next time
+            raise sa.exc.DBAPIError.instance(None, None, e, self.dbapi_error) from e
+        finally:
+            if proxied.is_valid:
+                cur.close()
+                if postgres:
+                    conn.autocommit = False  # as the pool hands connections out
+            proxied.close()
 
     @property
     def is_sqlite(self) -> bool:
@@ -226,18 +275,6 @@ class Database:
                 yield conn
             return
         with self._write_lock, self.engine.begin() as conn:
-            yield conn
-
-    @contextmanager
-    def statement(self, *, read_only: bool = False) -> Iterator[sa.Connection]:
-        """A connection for ONE statement, which is atomic by itself. On PostgreSQL it runs in autocommit: one
-        round trip, where a transaction adds two (BEGIN, COMMIT) -- the request path counts them. On SQLite it
-        is `read()` or `write()`, whose BEGIN costs no round trip."""
-        if self.dialect == "postgresql":
-            with self._autocommit.connect() as conn:
-                yield conn
-            return
-        with self.read() if read_only else self.write() as conn:
             yield conn
 
     @contextmanager
@@ -301,6 +338,44 @@ class Database:
         except sa.exc.OperationalError as e:
             reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
             raise UserError(f"cannot use the database {self.display_url}: {reason}") from None
+
+
+class Prepared:
+    """A Core statement compiled once for one dialect and run on a raw DB-API cursor (`Database.raw()`). Values
+    go in and come out through the same type processors SQLAlchemy applies (UTCDateTime's text on SQLite, JSON),
+    so what the hot path writes and reads is exactly what the rest of lmforge writes and reads."""
+
+    def __init__(self, stmt: sa.Executable, dialect: sa.Dialect) -> None:
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.positional = compiled.positiontup  # parameter names in order (SQLite's qmark); None when named
+        self.binds = [
+            (name, bind.type.dialect_impl(dialect).bind_processor(dialect), bind)
+            for name, bind in compiled.binds.items()
+        ]
+        columns = list(getattr(stmt, "exported_columns", ()))
+        self.results = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns]
+        self.row = collections.namedtuple("Row", [c.key for c in columns], rename=True) if columns else None
+
+    def execute(self, cur: Any, args: dict[str, Any]) -> Any:
+        """Run with `args` (a name -> value dict; the statement's own literals fill the rest); the cursor."""
+        values = {}
+        for name, process, bind in self.binds:
+            value = args[name] if name in args else bind.effective_value
+            values[name] = value if process is None else process(value)
+        cur.execute(self.sql, [values[n] for n in self.positional] if self.positional else values)
+        return cur
+
+    def all(self, cur: Any, args: dict[str, Any]) -> list[Any]:
+        rows = self.execute(cur, args).fetchall()
+        return [
+            self.row(*(v if p is None else p(v) for v, p in zip(row, self.results, strict=True)))
+            for row in rows
+        ]
+
+    def first(self, cur: Any, args: dict[str, Any]) -> Any | None:
+        rows = self.all(cur, args)
+        return rows[0] if rows else None
 
 
 def open_database(url: str) -> Database:

@@ -378,8 +378,10 @@ def _sqlite_statements() -> _Statements:
 # costs ~0.1 ms of CPU on each side of the socket, and the multi-statement path above took 11 per request
 # (BEGIN, 4 + 3 statements, COMMIT x2) -- on a 2-core server that CPU comes straight out of the engine's share.
 # The CTEs run on one snapshot but every conditional upsert re-checks its WHERE on the locked, latest row, as
-# the multi-statement path does. Admit still runs inside a transaction: when the budget refuses, the rate window
-# it charged must roll back. Settle needs none: one statement is atomic.
+# the multi-statement path does. Both run in autocommit, one round trip each: when the budget refuses a hold, the
+# rate window charged in the same statement must not stay charged, so the statement then fails on purpose (a
+# division by zero, BUDGET_REFUSED) and PostgreSQL rolls all of it back -- plain SQL has no RAISE, and a
+# transaction around the statement would cost two more round trips on every request to serve a rare refusal.
 _PG_ADMIT = (
     sa.text(
         """
@@ -423,7 +425,8 @@ WITH w AS (
     RETURNING id
 )
 SELECT (SELECT id FROM admitted) AS usage_id, go.ok AS window_ok, w.window_start, w.requests, w.tokens,
-       held.hold, held.p_in, held.p_out, held.p_limit
+       held.hold, held.p_in, held.p_out,
+       1 / CASE WHEN go.ok AND NOT EXISTS (SELECT 1 FROM admitted) THEN 0 ELSE 1 END AS budget_ok
 FROM held CROSS JOIN go LEFT JOIN w ON true
 """
     )
@@ -445,9 +448,10 @@ FROM held CROSS JOIN go LEFT JOIN w ON true
         sa.column("hold", sa.BigInteger),
         sa.column("p_in", sa.BigInteger),
         sa.column("p_out", sa.BigInteger),
-        sa.column("p_limit", sa.BigInteger),
+        sa.column("budget_ok", sa.Integer),
     )
 )
+BUDGET_REFUSED = "22012"  # SQLSTATE division_by_zero: _PG_ADMIT's refusal of the hold
 
 _PG_SETTLE = sa.text(
     f"""
@@ -521,13 +525,18 @@ def admit(
     }
     limited = key.rpm is not None or key.tpm is not None
     try:
-        with db.write() as conn:
-            if db.dialect == "postgresql":
-                usage_id, window, in_price, out_price, hold = _admit_postgres(conn, key, limited, args)
-            else:
-                usage_id, window, in_price, out_price, hold = _admit_statements(conn, key, limited, args)
+        if db.dialect == "postgresql":
+            with db.raw(transaction=False) as cur:  # one statement (see _PG_ADMIT)
+                usage_id, window, in_price, out_price, hold = _admit_postgres(db, cur, limited, args)
+        else:
+            with db.raw(transaction=True) as cur:
+                usage_id, window, in_price, out_price, hold = _admit_statements(db, cur, limited, args)
     except sa.exc.IntegrityError:
         raise ValueError(f"request id {request_id!r} is already in the ledger") from None
+    except _Refused as refused:  # rolled back: nothing was consumed; the error reads the state that refused
+        raise (
+            _quota_exceeded(db, key, args) if refused.by_budget else _rate_limited(db, key, args)
+        ) from None
     if window is None:
         headers = {}
     else:
@@ -548,53 +557,70 @@ def admit(
     )
 
 
-def _admit_statements(conn: sa.Connection, key: ApiKey, limited: bool, args: dict) -> tuple:
+class _Refused(Exception):
+    """Raised inside admit's transaction (or statement) to roll it back: by the rate window or by the budget."""
+
+    def __init__(self, *, by_budget: bool) -> None:
+        self.by_budget = by_budget
+
+
+def _admit_statements(db: Database, cur: Any, limited: bool, args: dict) -> tuple:
     """admit's transaction as a statement per step (SQLite)."""
     q = _sqlite_statements()
     window = None
     if limited:
-        window = conn.execute(q.charge_window, args).first()
+        window = db.prepared(q.charge_window).first(cur, args)
         if window is None:
-            raise _rate_limited(conn, key, args)
-    in_price, out_price, limit = conn.execute(q.lookup, args).one()
+            raise _Refused(by_budget=False)
+    in_price, out_price, limit = db.prepared(q.lookup).first(cur, args)
     in_price, out_price = in_price or 0, out_price or 0
     hold = args["p_prompt"] * in_price + args["p_max"] * out_price
     if hold:
         hold_args = args | {"p_hold": hold}
         if limit is None:
-            conn.execute(q.reserve, hold_args)
-        elif hold > limit or conn.execute(q.reserve_within, hold_args | {"p_limit": limit}).first() is None:
-            raise _quota_exceeded(conn, key, args, hold, limit, window)
-    usage_id = conn.execute(q.insert_pending, args | {"p_hold": hold, "p_in": in_price, "p_out": out_price})
-    return usage_id.scalar_one(), window, in_price, out_price, hold
+            db.prepared(q.reserve).execute(cur, hold_args)
+        elif hold > limit or db.prepared(q.reserve_within).first(cur, hold_args | {"p_limit": limit}) is None:
+            raise _Refused(by_budget=True)
+    row = db.prepared(q.insert_pending).first(
+        cur, args | {"p_hold": hold, "p_in": in_price, "p_out": out_price}
+    )
+    return row[0], window, in_price, out_price, hold
 
 
-def _admit_postgres(conn: sa.Connection, key: ApiKey, limited: bool, args: dict) -> tuple:
-    """admit's transaction as one statement (PostgreSQL; see _PG_ADMIT)."""
-    row = conn.execute(_PG_ADMIT, args | {"p_limited": limited}).one()
+def _admit_postgres(db: Database, cur: Any, limited: bool, args: dict) -> tuple:
+    """admit as one autocommit statement (PostgreSQL; see _PG_ADMIT)."""
+    try:
+        row = db.prepared(_PG_ADMIT).first(cur, args | {"p_limited": limited})
+    except db.dbapi_error as e:
+        if getattr(e, "sqlstate", None) == BUDGET_REFUSED:
+            raise _Refused(by_budget=True) from None
+        raise
     if not row.window_ok:
-        raise _rate_limited(conn, key, args)
-    if row.usage_id is None:  # the budget refused the hold: raising rolls back the window charged above
-        raise _quota_exceeded(conn, key, args, row.hold, row.p_limit, row)
+        raise _Refused(by_budget=False)
     return row.usage_id, (row if limited else None), row.p_in, row.p_out, row.hold
 
 
-def _rate_limited(conn: sa.Connection, key: ApiKey, args: dict) -> RateLimited:
-    current = conn.execute(sa.select(rate_windows).where(rate_windows.c.key_id == key.id)).one()
+def _rate_limited(db: Database, key: ApiKey, args: dict) -> RateLimited:
+    with db.read() as conn:
+        current = conn.execute(sa.select(rate_windows).where(rate_windows.c.key_id == key.id)).one()
     return _rate_limit_error(key, current, args["p_tokens"], args["p_now"])
 
 
-def _quota_exceeded(
-    conn: sa.Connection, key: ApiKey, args: dict, hold: int, limit: int, window: Any
-) -> QuotaExceeded:
-    tm = tenant_months
-    month, tokens, now = args["p_month"], args["p_tokens"], args["p_now"]
-    row = conn.execute(sa.select(tm).where(tm.c.tenant_id == key.tenant_id, tm.c.month == month)).first()
+def _quota_exceeded(db: Database, key: ApiKey, args: dict) -> QuotaExceeded:
+    """The refusal's message and headers, read after the rollback: the window as if this request had not come."""
+    tm, rw = tenant_months, rate_windows
+    month, now = args["p_month"], args["p_now"]
+    with db.read() as conn:
+        in_price, out_price, limit = conn.execute(_sqlite_statements().lookup, args).one()
+        row = conn.execute(sa.select(tm).where(tm.c.tenant_id == key.tenant_id, tm.c.month == month)).first()
+        window = conn.execute(sa.select(rw).where(rw.c.key_id == key.id)).first()
+    hold = args["p_prompt"] * (in_price or 0) + args["p_max"] * (out_price or 0)
     spent, reserved = (row.spent_pusd, row.reserved_pusd) if row is not None else (0, 0)
     headers = {"x-should-retry": "false"}
-    if window is not None and window.window_start is not None:
-        # as if this request had not been counted (the transaction rolls back)
-        headers |= _headers(key, window.window_start, window.requests - 1, window.tokens - tokens, now)
+    if window is not None:
+        headers |= _headers(key, window.window_start, window.requests, window.tokens, now)
+    else:  # the key's first request: no window yet
+        headers |= _headers(key, None, 0, 0, now)
     return QuotaExceeded(
         f"You exceeded your current quota: the budget of tenant '{key.tenant}' for {month} is "
         f"${format_usd(limit)}, ${format_usd(spent)} is spent and ${format_usd(reserved)} is held by running "
@@ -651,17 +677,17 @@ def settle(
         "p_hold": a.reserved_pusd,
     }
     if db.dialect == "postgresql":
-        with db.statement() as conn:
-            conn.execute(_PG_SETTLE, args)
+        with db.raw(transaction=False) as cur:  # one statement: atomic by itself
+            db.prepared(_PG_SETTLE).execute(cur, args).fetchall()
         return
     q = _sqlite_statements()
-    with db.write() as conn:
-        if not conn.execute(q.close_row, args).rowcount:
+    with db.raw(transaction=True) as cur:
+        if not db.prepared(q.close_row).execute(cur, args).rowcount:
             return  # settled before, or failed by reconcile_stale: its hold is already released
         if refund:
-            conn.execute(q.refund_tokens, args)
+            db.prepared(q.refund_tokens).execute(cur, args)
         if cost or a.reserved_pusd:
-            conn.execute(q.settle_month, args)
+            db.prepared(q.settle_month).execute(cur, args)
 
 
 # -------------------------------------------------------------------------------------- server processes

@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.serve.db import Database
+from lmforge.serve.db import Database, Prepared
 
 DEFAULT_PG_URL = "postgresql+psycopg://lmforge:lmforge@127.0.0.1:5432/postgres"
 
@@ -133,3 +133,28 @@ def assert_ledger_consistent(db: Database) -> None:
             assert r.cost_pusd == price, r
     for cell in sorted(set(totals) | set(expected)):  # free requests leave no tenant_months row
         assert totals.get(cell, [0, 0]) == expected.get(cell, [0, 0]), cell
+
+
+@contextmanager
+def recorded_statements(db: Database) -> Iterator[list[tuple[str, str]]]:
+    """(thread name, SQL) of every statement `db` runs in the block: SQLAlchemy's, and the request path's raw
+    ones (`Database.raw()` with `Prepared` statements, which SQLAlchemy's events do not see)."""
+    import threading
+
+    seen: list[tuple[str, str]] = []
+    execute = Prepared.execute
+
+    def raw(self, cur, args):
+        seen.append((threading.current_thread().name, self.sql))
+        return execute(self, cur, args)
+
+    def event(conn, cursor, statement, parameters, context, executemany):
+        seen.append((threading.current_thread().name, statement))
+
+    sa.event.listen(db.engine, "before_cursor_execute", event)
+    Prepared.execute = raw
+    try:
+        yield seen
+    finally:
+        Prepared.execute = execute
+        sa.event.remove(db.engine, "before_cursor_execute", event)

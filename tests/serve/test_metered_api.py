@@ -29,6 +29,7 @@ from lmforge.serve import auth, metering
 from lmforge.serve.app import create_app
 from lmforge.serve.db import api_keys, instances, tenant_months, utcnow
 from lmforge.serve.settings import Settings
+from tests.serve.conftest import recorded_statements
 from tests.serve.fake_engine import FakeEngine
 from tests.serve.servers import bearer, ledger_rows, new_key, sdk, serving_app, settled_row
 
@@ -314,22 +315,15 @@ def test_non_streamed_and_streamed_completions_bill_what_the_client_was_told(url
 def test_the_request_paths_database_work_runs_on_the_one_ledger_thread(database, engine, tokenizer):
     priced(database)
     _, secret = new_key(database)
-    threads: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        threads.append(threading.current_thread().name)
-
     with serving(
         database, engine, tokenizer, heartbeat_s=3600, stale_after_s=7200
     ) as base:  # no heartbeat now
-        sa.event.listen(database.engine, "before_cursor_execute", record)
-        try:
+        with recorded_statements(database) as statements:
             client = sdk(base, secret)
             client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
             list(client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True))
-        finally:
-            sa.event.remove(database.engine, "before_cursor_execute", record)
-    assert len(threads) >= 6 and {t.split("_")[0] for t in threads} == {"lmforge-ledger"}, threads
+    threads = [thread for thread, _ in statements]
+    assert len(threads) >= 6 and {t.split("_")[0] for t in threads} == {"lmforge-ledger"}, statements
     assert_books_balance(database)
 
 

@@ -16,7 +16,7 @@ from lmforge.errors import UserError
 from lmforge.serve import auth, metering
 from lmforge.serve.db import instances, rate_windows, tenant_months, usage
 from lmforge.serve.metering import QuotaExceeded, RateLimited, admit, settle
-from tests.serve.conftest import assert_ledger_consistent
+from tests.serve.conftest import assert_ledger_consistent, recorded_statements
 
 T0 = datetime(2026, 11, 10, 12, 0, 0, tzinfo=UTC)
 IN, OUT = 150_000, 600_000  # $0.15 / $0.60 per million tokens, in micro-USD per million tokens
@@ -120,18 +120,10 @@ def test_the_request_path_costs_one_statement_per_step_on_postgres(database):
     key = setup(database, rpm=100, tpm=10_000)
     metering.set_budget(database, "acme", "25", month="2026-11")
     _, secret = auth.create_key(database, "acme", rpm=100, tpm=10_000)
-    statements: list[str] = []
-
-    def count(conn, cursor, statement, parameters, context, executemany):
-        statements.append(statement)
-
-    sa.event.listen(database.engine, "before_cursor_execute", count)
-    try:
+    with recorded_statements(database) as statements:
         assert auth.authenticate(database, f"Bearer {secret}").tenant == "acme"
         a = go(database, key, "r1")
         settle(database, a, prompt_tokens=10, completion_tokens=7, status="completed")
-    finally:
-        sa.event.remove(database.engine, "before_cursor_execute", count)
     if database.dialect == "postgresql":
         assert len(statements) == 3, statements
     assert month_row(database) == (10 * IN + 7 * OUT, 0)
