@@ -1,6 +1,7 @@
 """Metering: rate limits, budget holds and the usage ledger; prices and budgets; usage reports.
 
-The request path is two write transactions around generation:
+The request path is two write transactions around generation (on PostgreSQL one statement each; all of it on
+raw DB-API cursors, `Database.raw()`):
 
     admit()   rate window +1 request, +(prompt + max_tokens) tokens     -> RateLimited if over RPM/TPM
               tenant's month: reserved += the request's maximum cost   -> QuotaExceeded if over the budget
