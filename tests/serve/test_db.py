@@ -203,3 +203,58 @@ def test_migrations_ship_as_packages():
     root = Path(__file__).resolve().parents[2] / "lmforge" / "serve" / "migrations"
     assert (root / "__init__.py").is_file() and (root / "versions" / "__init__.py").is_file()
     assert (root / "env.py").is_file() and list((root / "versions").glob("0001_*.py"))
+
+
+INSERT_INSTANCE = sa.insert(instances).values(
+    id=sa.bindparam("p_id", type_=sa.String),
+    started_at=sa.bindparam("p_started", type_=instances.c.started_at.type),
+    heartbeat_at=sa.bindparam("p_beat", type_=instances.c.heartbeat_at.type),
+)
+BEATING_AFTER = sa.select(instances.c.id, instances.c.heartbeat_at).where(
+    instances.c.heartbeat_at > sa.bindparam("p_after", type_=instances.c.heartbeat_at.type)
+)
+
+
+def test_raw_statements_store_and_read_values_as_sqlalchemy_does(database):
+    """The request path's raw cursors (Database.raw + Prepared) write what SQLAlchemy reads back and read what it
+    wrote: UTC datetimes in SQLite's text form, compared in UTC."""
+    started = datetime(2026, 11, 30, 23, 30, 0, 123456, tzinfo=UTC)
+    beat = datetime(2026, 12, 1, 3, 0, tzinfo=timezone(timedelta(hours=2)))  # 01:00 UTC
+    with database.raw(transaction=True) as cur:
+        database.prepared(INSERT_INSTANCE).execute(cur, {"p_id": "raw", "p_started": started, "p_beat": beat})
+    with database.write() as conn:
+        conn.execute(sa.insert(instances).values(id="sa", started_at=started, heartbeat_at=started))
+    with database.read() as conn:
+        rows = {r.id: r for r in conn.execute(sa.select(instances))}
+    assert rows["raw"].started_at == rows["sa"].started_at == started
+    assert rows["raw"].heartbeat_at == datetime(2026, 12, 1, 1, 0, tzinfo=UTC)
+    with database.raw(transaction=False) as cur:
+        found = database.prepared(BEATING_AFTER).all(
+            cur, {"p_after": datetime(2026, 12, 1, 0, 59, tzinfo=UTC)}
+        )
+    assert [(r.id, r.heartbeat_at) for r in found] == [("raw", datetime(2026, 12, 1, 1, 0, tzinfo=UTC))]
+    assert found[0].heartbeat_at.tzinfo == UTC
+
+
+def test_raw_transactions_commit_or_roll_back_whole_and_raise_sqlalchemys_errors(database):
+    def insert(cur, name):
+        database.prepared(INSERT_INSTANCE).execute(cur, {"p_id": name, "p_started": T, "p_beat": T})
+
+    T = datetime(2026, 11, 1, tzinfo=UTC)
+    with pytest.raises(RuntimeError), database.raw(transaction=True) as cur:
+        insert(cur, "a")
+        raise RuntimeError("rolled back")
+    with database.raw(transaction=True) as cur:
+        insert(cur, "b")
+        insert(cur, "c")
+    with pytest.raises(sa.exc.IntegrityError), database.raw(transaction=True) as cur:
+        insert(cur, "d")
+        insert(cur, "b")  # the primary key again: the whole transaction goes, "d" too
+    with database.raw(transaction=False) as cur:  # the connection is usable after the error
+        insert(cur, "e")
+    with database.read() as conn:
+        assert conn.execute(sa.select(instances.c.id).order_by(instances.c.id)).scalars().all() == [
+            "b",
+            "c",
+            "e",
+        ]
