@@ -216,7 +216,9 @@ class Database:
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, OSError) as e:
             raise UserError(f"cannot open the database {self.display_url}: {e}") from None
         self.dbapi_error = self.engine.dialect.loaded_dbapi.Error  # the driver's base exception
-        self._prepared: dict[int, Prepared] = {}
+        self._prepared: dict[
+            int, Prepared
+        ] = {}  # by id(): each Prepared holds its statement, so ids stay unique
 
     def prepared(self, stmt: sa.Executable) -> Prepared:
         """`stmt` compiled for this database, once (statements are module constants: the cache stays small)."""
@@ -347,6 +349,7 @@ class Prepared:
     so what the hot path writes and reads is exactly what the rest of lmforge writes and reads."""
 
     def __init__(self, stmt: sa.Executable, dialect: sa.Dialect) -> None:
+        self.statement = stmt
         compiled = stmt.compile(dialect=dialect)
         self.sql = compiled.string
         self.positional = compiled.positiontup  # parameter names in order (SQLite's qmark); None when named
