@@ -58,6 +58,16 @@ class ServerMetrics:
         self.completion_tokens = Counter(
             "lmforge_generation_tokens", "Completion tokens generated.", registry=r
         )
+        # forwarded requests: what each upstream reported (or, without its usage, what was billed), kept apart
+        # from the local engine's counters above
+        self.upstream_prompt_tokens = Counter(
+            "lmforge_upstream_prompt_tokens", "Prompt tokens of requests forwarded upstream.", ["upstream"],
+            registry=r,
+        )  # fmt: skip
+        self.upstream_completion_tokens = Counter(
+            "lmforge_upstream_generation_tokens", "Completion tokens of requests forwarded upstream.",
+            ["upstream"], registry=r,
+        )  # fmt: skip
         self.time_to_first_token = Histogram(
             "lmforge_time_to_first_token_seconds",
             "From request arrival to its first generated token.",

@@ -365,6 +365,9 @@ class _Call:
 
     async def _end(self, outcome: BaseException | None, tokens: tuple[int, int]) -> None:
         self.tokens = tokens
+        metrics, name = get_state(self.request).metrics, self.upstream.settings.name
+        metrics.upstream_prompt_tokens.labels(name).inc(tokens[0])
+        metrics.upstream_completion_tokens.labels(name).inc(tokens[1])
         if self.meter is not None:
             await self.meter.ended(outcome)
 

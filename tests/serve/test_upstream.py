@@ -241,6 +241,15 @@ def test_streams_bill_the_upstream_usage_whether_or_not_the_client_asks_for_it(
         (told.prompt_tokens, 7), (told.prompt_tokens, 7), (4, 4)]  # fmt: skip
     metering_totals = metering.usage_report(database, "acme", metering.month_of(row.started_at)).totals
     assert metering_totals.cost_pusd == sum(r.cost_pusd for r in ledger_rows(database))
+    # /metrics counts the forwarded tokens per upstream, apart from the (absent) local engine's
+    metrics = httpx.get(f"{gateway}/metrics").text
+    ledger = ledger_rows(database)
+    for name, column in (("prompt", "prompt_tokens"), ("generation", "completion_tokens")):
+        found = re.search(
+            rf'^lmforge_upstream_{name}_tokens_total{{upstream="{MODEL}"}} (\S+)$', metrics, re.M
+        )
+        assert found and float(found[1]) == sum(getattr(r, column) for r in ledger), metrics
+    assert re.search(r"^lmforge_generation_tokens_total 0\.0$", metrics, re.M)
 
 
 # --- refusals before the upstream is contacted -------------------------------------------------------------
