@@ -493,7 +493,12 @@ def key_create(
         str | None, typer.Option(help="Last day the key works (YYYY-MM-DD, UTC) or an ISO 8601 time.")
     ] = None,
     model: Annotated[
-        list[str] | None, typer.Option("--model", help="Allow only this model (repeatable; default: all).")
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Allow only this model (repeatable; default: all). Shell-style patterns match several: "
+            "'smollm2-135m-instruct:*' is the base's LoRA adapters, 'llama-*' every name starting so.",
+        ),
     ] = None,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute (default: unlimited).")] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute, prompt + max_tokens.")] = None,

@@ -12,6 +12,7 @@ model outside the key's allow-list.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import hmac
 import re
@@ -60,6 +61,17 @@ class ApiKey:
     rpm: int | None  # requests per minute; None = unlimited
     tpm: int | None  # tokens per minute (prompt + max_tokens at admission); None = unlimited
     created_at: datetime | None = None
+
+    def allows(self, model: str) -> bool:
+        """`model` is on the allow-list: a name, or a shell-style pattern (`base:*` for a base model's LoRA
+        adapters, `llama-*`), matched case-sensitively as model names are."""
+        if self.models is None:
+            return True
+        return any(model == m or (_is_pattern(m) and fnmatch.fnmatchcase(model, m)) for m in self.models)
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
 
 
 class AuthError(Exception):
@@ -289,7 +301,7 @@ def authenticate(db: Database, authorization: str | None, *, now: datetime | Non
 
 
 def check_model(key: ApiKey, model: str) -> None:
-    if key.models is not None and model not in key.models:
+    if not key.allows(model):
         raise AuthError(
             403,
             f"The API key {key.prefix}... may not use the model '{model}' "

@@ -136,6 +136,19 @@ def test_model_allow_list(database):
     assert "'medium'" in e.value.message and "small, large" in e.value.message
 
 
+def test_allow_list_patterns(database):
+    """Shell-style patterns: a base model's LoRA adapters (`base:*`), a family (`llama-*`); a plain name is
+    exact, and matching is case-sensitive like model names."""
+    auth.create_tenant(database, "acme")
+    key, _ = auth.create_key(database, "acme", models=["smollm2:*", "llama-*", "qwen"])
+    allowed = ["smollm2:support", "smollm2:a:b", "llama-70b", "llama-", "qwen"]
+    refused = ["smollm2", "smollm2-support", "Llama-70b", "qwen2", "qwen:lora", "xllama-1"]
+    assert [m for m in allowed + refused if key.allows(m)] == allowed
+    for model in refused:
+        with pytest.raises(AuthError, match="may not use the model"):
+            auth.check_model(key, model)
+
+
 def test_tenants_and_listing(database):
     a = auth.create_tenant(database, "acme")
     b = auth.create_tenant(database, " Globex Corp ")

@@ -129,9 +129,12 @@ def test_revoked_expired_and_not_allowed_keys_are_403(url, database, engine):
         )
         assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
         assert r.headers["x-ratelimit-remaining-requests"] == "10"  # authenticated, so headed; not counted
-    # the model list shows a key only the models it may use
+    # the model list shows a key only the models it may use; a pattern matches as in requests
     r = httpx.get(url + "/v1/models", headers=bearer(narrow_secret))
     assert r.status_code == 200 and r.json()["data"] == []
+    _, pattern_secret = new_key(database, models=["smollm2-*"])
+    r = httpx.get(url + "/v1/models", headers=bearer(pattern_secret))
+    assert [m["id"] for m in r.json()["data"]] == [MODEL]
     # an unknown model is still a 404, whatever the key allows
     r = httpx.post(
         url + "/v1/completions", json={"model": "gpt-4", "prompt": "x"}, headers=bearer(narrow_secret)

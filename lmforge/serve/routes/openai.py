@@ -117,7 +117,7 @@ async def list_models(request: Request, state: ServerState = Depends(get_state))
     cards = local + _other_cards(state)
     key: ApiKey | None = request.state.api_key
     if key is not None and key.models is not None:  # as OpenAI: a key sees only the models it may use
-        cards = [card for card in cards if card.id in key.models]
+        cards = [card for card in cards if key.allows(card.id)]
     return ModelList(data=cards)
 
 
