@@ -81,14 +81,21 @@ def run(cfg: EvalConfig, *, checkpoint: Checkpoint | None = None) -> dict[str, A
     `checkpoint` skips loading (tests and callers that already hold the model).
     """
     specs = tasks.resolve_tasks(cfg.tasks, cfg.data)  # bad task names fail before the model loads
-    for spec in specs:
-        if spec.type == "classification":
-            raise UserError(
-                f"task {spec.name!r} needs a classification model (a classification head), "
-                "which lmforge cannot build yet"
-            )
+    classification = [spec for spec in specs if spec.type == "classification"]
+    if classification and len(classification) < len(specs):
+        raise UserError(
+            "classification tasks need a classifier and the other task types a language model: "
+            "evaluate them in separate runs"
+        )
+    if classification:
+        return _run_classification(cfg, classification)
     items = {spec.name: tasks.load(spec) for spec in specs}  # so do bad task files
     ckpt = checkpoint if checkpoint is not None else _load_model(cfg)
+    if not hasattr(ckpt.model, "lm_head"):
+        raise UserError(
+            f"{cfg.model} is a text classifier, not a language model; evaluate it with "
+            "`--task classification --data FILE` (labelled JSONL or CSV)"
+        )
     max_length = min(cfg.max_length or DEFAULT_MAX_LENGTH, ckpt.config.max_seq_len)
     stride = min(cfg.stride or max(max_length // 2, 1), max_length)
 
@@ -122,6 +129,50 @@ def run(cfg: EvalConfig, *, checkpoint: Checkpoint | None = None) -> dict[str, A
         }
     out = Path(cfg.out) if cfg.out else default_out_dir(ckpt.name)
     write_reports(out, results, samples)
+    results["out_dir"] = str(out)
+    return results
+
+
+def _run_classification(cfg: EvalConfig, specs: list[tasks.TaskSpec]) -> dict[str, Any]:
+    """Score a classifier on each labelled file as `lmforge classify MODEL --data FILE` does (accuracy, per-class
+    precision / recall / F1, macro F1, confusion matrix); each task's full report goes to <out>/<task>/."""
+    from lmforge import runtime
+    from lmforge.train import classify
+
+    out = Path(cfg.out) if cfg.out else default_out_dir(Path(cfg.model).name)
+    device = runtime.resolve_device(cfg.device)
+    results: dict[str, Any] = {
+        "model": cfg.model,
+        "model_path": cfg.model,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": str(device),
+        "dtype": str(runtime.resolve_dtype(cfg.dtype, device)).removeprefix("torch."),
+        "lmforge_version": lmforge.__version__,
+        "config": asdict(cfg),
+        "tasks": {},
+    }
+    for spec in specs:
+        t0 = time.perf_counter()
+        folder = out / _file_name(spec.name)
+        scores, read = classify.evaluate(
+            cfg.model, spec.path, folder, device=cfg.device, dtype=cfg.dtype, limit=cfg.limit
+        )
+        results["model_path"] = scores["model"]
+        results["tasks"][spec.name] = {
+            "type": spec.type,
+            "description": spec.description,
+            "data": str(spec.path),
+            "main_metric": spec.main_metric,
+            "metrics": {
+                "accuracy": scores["accuracy"],
+                "f1_macro": scores["f1_macro"],
+                "examples": scores["examples"],
+            },  # fmt: skip
+            "data_report": read.summary(),
+            "report": str(folder / classify.REPORT),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    write_reports(out, results, {})
     results["out_dir"] = str(out)
     return results
 

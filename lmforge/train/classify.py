@@ -350,10 +350,17 @@ def _data_report(report: labelled.LabelReport) -> dict[str, Any]:
 
 
 def evaluate(
-    model: str, data: str | Path, out: str | Path, *, device: str = "auto", dtype: str = "auto"
+    model: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    limit: int | None = None,
 ) -> tuple[dict[str, Any], labelled.LabelReport]:
-    """Score a saved classifier (store name or folder) on a labelled file; writes the report files to `out`.
-    Lines whose label the classifier does not have are skipped and counted as unknown_label."""
+    """Score a saved classifier (store name or folder) on a labelled file (its first `limit` usable lines); writes
+    the report files to `out`. Lines whose label the classifier does not have are skipped and counted as
+    unknown_label."""
     dev = runtime.resolve_device(device)
     ck = checkpoint.load(store.resolve(model), device=dev, dtype=runtime.resolve_dtype(dtype, dev))
     if not isinstance(ck.model, SequenceClassifier):
@@ -362,6 +369,7 @@ def evaluate(
         )
     names = list(ck.model.labels)
     texts, read_report = labelled.read(data, known_labels=names)
+    texts = texts[:limit] if limit else texts
     if not texts:
         raise UserError(f"nothing to evaluate: {read_report.summary()}")
     ids = {name: i for i, name in enumerate(names)}

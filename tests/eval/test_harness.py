@@ -70,8 +70,8 @@ def test_bad_inputs_fail_before_loading_the_model(tmp_path):
         harness.run(EvalConfig(model="missing", tasks=("multiple_choice",), data=(str(bad),)))
     cls = tmp_path / "cls.jsonl"
     cls.write_text('{"text": "great", "label": "pos"}\n')
-    with pytest.raises(UserError, match="needs a classification model"):
-        harness.run(EvalConfig(model="missing", tasks=("classification",), data=(str(cls),)))
+    with pytest.raises(UserError, match="classification tasks need a classifier .* separate runs"):
+        harness.run(EvalConfig(model="missing", tasks=("classification", "arith"), data=(str(cls),)))
     with pytest.raises(UserError, match="stride"):
         EvalConfig(model="m", tasks=("arith",), max_length=8, stride=9)
 

@@ -247,6 +247,21 @@ def test_cli_classify_text_and_labelled_file(trained):
         proc, "tickets is a text classifier, not a language model; use `lmforge classify tickets"
     )
 
+    # `lmforge eval` scores a classifier the same way, and refuses it language-model tasks in one line
+    out = trained.root / "eval-run"
+    proc = cli("eval", "tickets", "--task", "classification", "--data", trained.val, "--out", out, "--json",
+               cwd=trained.root, home=trained.home)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (task,) = json.loads(proc.stdout)["tasks"].values()
+    assert task["main_metric"] == "accuracy" and task["metrics"] == {
+        "accuracy": run_report["accuracy"], "f1_macro": run_report["f1_macro"], "examples": run_report["examples"]}  # fmt: skip
+    assert json.loads(Path(task["report"]).read_text())["confusion_matrix"] == run_report["confusion_matrix"]
+    assert "| classification:val | classification | accuracy |" in (out / "report.md").read_text()
+    proc = cli("eval", "tickets", "--task", "wiki-ppl", cwd=trained.root, home=trained.home)
+    assert_user_error(
+        proc, "tickets is a text classifier, not a language model; evaluate it with `--task classification"
+    )
+
 
 # --------------------------------------------------------------------------------------------- tiny models
 
