@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -31,6 +32,7 @@ class _SeqBlocks:
     hashes: list[bytes] = field(
         default_factory=list
     )  # hash of table[i] for its leading full, committed blocks
+    computing: list[bytes] = field(default_factory=list)  # its prompt's uncached full blocks, until committed
 
 
 class BlockManager:
@@ -43,6 +45,9 @@ class BlockManager:
         self._ref_cnt = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks  # the hash block b is registered under, if any
         self._cached: dict[bytes, int] = {}  # hash -> block id
+        # hash -> the sequence whose prompt is computing that block now: another prompt with the same prefix
+        # waits for it (`prefix_in_flight`) instead of computing the same keys a second time
+        self._computing: dict[bytes, str] = {}
         # blocks with ref count 0, evicted from the front; OrderedDict gives O(1) removal from the middle when
         # a prefix hit revives a free cached block
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -86,17 +91,14 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id!r} already has blocks")
         bs = self.block_size
         hits: list[tuple[int, bytes]] = []
+        uncached: list[bytes] = []
         if self.enable_prefix_caching:
-            parent = None
-            # only blocks within the first len-1 tokens: the last token is always computed so there are logits
-            # to sample from, and its block is then fresh rather than a shared one being written to
-            for i in range((len(token_ids) - 1) // bs):
-                h = block_hash(parent, tuple(token_ids[i * bs : (i + 1) * bs]), salt)
-                block = self._cached.get(h)
+            for h in self._prompt_hashes(token_ids, salt):
+                block = None if uncached else self._cached.get(h)
                 if block is None:
-                    break
-                hits.append((block, h))
-                parent = h
+                    uncached.append(h)
+                else:
+                    hits.append((block, h))
         num_cached = len(hits) * bs
         remaining = len(token_ids) - num_cached
         num_new = remaining if max_new_tokens is None else min(remaining, max_new_tokens)
@@ -114,10 +116,34 @@ class BlockManager:
             seq.hashes.append(h)
         seq.table.extend(self._pop_free() for _ in range(need))
         seq.num_tokens = num_cached + num_new
+        for h in uncached:
+            if h not in self._computing:
+                self._computing[h] = seq_id
+                seq.computing.append(h)
         if self.enable_prefix_caching:
             self.prefix_cache_queries += len(token_ids)
             self.prefix_cache_hits += num_cached
         return num_cached
+
+    def _prompt_hashes(self, token_ids: list[int], salt: str) -> Iterator[bytes]:
+        """The hash chain of a prompt's full blocks, within its first len-1 tokens: the last token is always
+        computed so there are logits to sample from, and its block is then fresh rather than a shared one being
+        written to."""
+        bs, parent = self.block_size, None
+        for i in range((len(token_ids) - 1) // bs):
+            parent = block_hash(parent, tuple(token_ids[i * bs : (i + 1) * bs]), salt)
+            yield parent
+
+    def prefix_in_flight(self, token_ids: list[int], salt: str = "") -> bool:
+        """The first block of this prompt that is not cached is being computed right now by another sequence's
+        prompt (requests with a shared system prompt arriving together): admitting it now would compute the
+        same keys twice, where waiting for that sequence's step gets them from the cache."""
+        if not self.enable_prefix_caching:
+            return False
+        for h in self._prompt_hashes(token_ids, salt):
+            if h not in self._cached:
+                return h in self._computing
+        return False
 
     def append_slots(self, seq_id: str, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more tokens of a sequence; False (changing nothing) when the free
@@ -149,10 +175,15 @@ class BlockManager:
             if h not in self._cached and self._hash[block] is None:
                 self._cached[h] = block
                 self._hash[block] = h
+            if self._computing.get(h) == seq_id:
+                del self._computing[h]
 
     def free(self, seq_id: str) -> None:
         """Release a sequence's blocks. Blocks nobody else holds go to the free queue, keeping their hash."""
         seq = self._seqs.pop(seq_id)
+        for h in seq.computing:
+            if self._computing.get(h) == seq_id:
+                del self._computing[h]
         # reversed: a sequence's tail blocks are the least likely to be shared, so they are evicted first
         for block in reversed(seq.table):
             self._ref_cnt[block] -= 1

@@ -221,3 +221,35 @@ def test_prefix_cache_hit_skips_computed_tokens():
     assert (by_id["b"].num_cached, by_id["b"].num_new_tokens) == (12, 1)
     assert by_id["b"].block_table[:3] == bm.block_table("a")[:3]
     assert (by_id["c"].num_cached, by_id["c"].num_new_tokens) == (0, 13)
+
+
+def test_prompts_arriving_together_compute_their_shared_prefix_once():
+    """A shared system prompt in a burst: the first computes it, the others wait one step and hit the cache
+    (instead of each computing the same keys); a different prefix or another tenant's is not held back."""
+    bm = BlockManager(100, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    system = [(7 + i) % 50 for i in range(20)]  # five full blocks
+    for rid, question in (("a", [1, 2, 3]), ("b", [4, 5, 6]), ("c", [8, 9])):
+        sched.add(SeqState(rid, system + question))
+    out = step(sched, max_tokens=100)
+    assert [(s.request_id, s.num_cached, s.num_new_tokens) for s in out.scheduled] == [("a", 0, 23)]
+    out = step(sched, max_tokens=100)
+    assert [(s.request_id, s.num_cached, s.num_new_tokens) for s in out.scheduled] == [
+        ("a", 23, 1), ("b", 20, 3), ("c", 20, 2)]  # fmt: skip
+    assert bm.block_table("b")[:5] == bm.block_table("c")[:5] == bm.block_table("a")[:5]
+    # another tenant's copy of the same prompt is not in flight for it: it computes its own at once
+    sched.add(SeqState("d", system + [1, 2], salt="other"))
+    assert [(s.request_id, s.num_cached) for s in step(sched, max_tokens=100).scheduled][-1] == ("d", 0)
+
+
+def test_a_prefix_whose_computing_sequence_leaves_is_computed_by_the_next():
+    bm = BlockManager(100, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16)  # the 20-token prefix takes two steps
+    system = [(7 + i) % 50 for i in range(20)]
+    sched.add(SeqState("a", system + [1]))
+    sched.add(SeqState("b", system + [2]))
+    assert [s.request_id for s in step(sched, max_tokens=100).scheduled] == ["a"]
+    sched.abort("a")  # its first 16 tokens are cached; the rest of the prefix is nobody's now
+    out = step(sched, max_tokens=100)
+    assert [(s.request_id, s.num_cached, s.num_new_tokens) for s in out.scheduled] == [("b", 16, 5)]
+    assert run_all(sched, max_tokens=3).keys() == {"b"}
