@@ -116,7 +116,7 @@ def test_admit_and_settle_are_exact(database):
 
 def test_the_request_path_costs_one_statement_per_step_on_postgres(database):
     """The hot path's round trips (performance, not correctness): on PostgreSQL authenticate, admit and settle
-    are one statement each (admit inside BEGIN/COMMIT); SQLite's in-process statements are not counted."""
+    are one autocommit statement each, 3 round trips; SQLite's in-process statements are not counted."""
     key = setup(database, rpm=100, tpm=10_000)
     metering.set_budget(database, "acme", "25", month="2026-11")
     _, secret = auth.create_key(database, "acme", rpm=100, tpm=10_000)
