@@ -491,6 +491,10 @@ def metered_main(args: argparse.Namespace) -> None:
         ]
         for server in servers:
             server.wait_ready()
+        # one unrecorded round first: every server's first burst at this load runs ~40% slower (oneDNN builds
+        # its kernels for the batch shapes it meets), which would only widen the spread of the rounds below
+        for i, (_, _, secret) in enumerate(configs):
+            asyncio.run(tiny_requests(servers[i].url, model, secret, args.requests, args.clients))
         rates: list[list[float]] = [[] for _ in configs]
         cpu: list[list[float]] = [[] for _ in configs]  # server process CPU ms per request, each round
         errors = 0
@@ -529,7 +533,8 @@ def metered_main(args: argparse.Namespace) -> None:
             f"\n## serve.py --metered — {datetime.date.today()} — {machine}",
             "",
             f"`{model}`, non-streamed chat with a 1-token completion, {args.clients} concurrent clients, "
-            f"{args.requests} requests per server per round, {args.rounds} rounds (order rotated each round); "
+            f"{args.requests} requests per server per round, {args.rounds} rounds after an unrecorded warm-up round "
+            "(order rotated each round); "
             f"the three servers run side by side with --threads {os.cpu_count()}, the asyncio client on the same "
             "machine. Metered = API key lookup + admit (rate window, budget hold, ledger row) + settle, per request.",
             "",
