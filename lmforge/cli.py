@@ -975,8 +975,8 @@ def classify(
 
     runtime.set_threads(threads or None)
     if data is not None:
+        from lmforge.eval.classification import REPORT, evaluate
         from lmforge.eval.harness import default_out_dir
-        from lmforge.train.classify import REPORT, evaluate
 
         if text is not None:
             raise UserError("give either TEXT or --data FILE, not both")

@@ -463,3 +463,11 @@ def _chat_template_from_folder(folder: Path, config: dict[str, Any]) -> str | No
     if template is not None and not isinstance(template, str):
         raise UserError(f"{folder}: chat_template must be a string, found {type(template).__name__}")
     return template
+
+
+def pad_id_of(tokenizer: Tokenizer) -> int:
+    """Padding positions carry no loss, so any id works; prefer the tokenizer's pad, then eos."""
+    for i in (tokenizer.pad_id, tokenizer.eos_id):
+        if i is not None:
+            return i
+    return 0

@@ -137,7 +137,7 @@ def _run_classification(cfg: EvalConfig, specs: list[tasks.TaskSpec]) -> dict[st
     """Score a classifier on each labelled file as `lmforge classify MODEL --data FILE` does (accuracy, per-class
     precision / recall / F1, macro F1, confusion matrix); each task's full report goes to <out>/<task>/."""
     from lmforge import runtime
-    from lmforge.train import classify
+    from lmforge.eval import classification
 
     out = Path(cfg.out) if cfg.out else default_out_dir(Path(cfg.model).name)
     device = runtime.resolve_device(cfg.device)
@@ -154,7 +154,7 @@ def _run_classification(cfg: EvalConfig, specs: list[tasks.TaskSpec]) -> dict[st
     for spec in specs:
         t0 = time.perf_counter()
         folder = out / _file_name(spec.name)
-        scores, read = classify.evaluate(
+        scores, read = classification.evaluate(
             cfg.model, spec.path, folder, device=cfg.device, dtype=cfg.dtype, limit=cfg.limit
         )
         results["model_path"] = scores["model"]
@@ -169,7 +169,7 @@ def _run_classification(cfg: EvalConfig, specs: list[tasks.TaskSpec]) -> dict[st
                 "examples": scores["examples"],
             },  # fmt: skip
             "data_report": read.summary(),
-            "report": str(folder / classify.REPORT),
+            "report": str(folder / classification.REPORT),
             "seconds": round(time.perf_counter() - t0, 2),
         }
     write_reports(out, results, {})

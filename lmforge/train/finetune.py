@@ -27,7 +27,7 @@ from torch import nn
 
 from lmforge import checkpoint, config_io, store
 from lmforge.data import sft
-from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokenizer import Tokenizer, pad_id_of  # noqa: F401 (pad_id_of: part of this module's API)
 from lmforge.errors import UserError
 from lmforge.models.classifier import POOLINGS
 from lmforge.models.lora import LoraConfig, LoraLinear, apply_lora, save_adapter
@@ -193,14 +193,6 @@ def val_loss(
 
         tdist.all_reduce(total)
     return float(total[0] / total[1]) if total[1] else float("nan")
-
-
-def pad_id_of(tokenizer: Tokenizer) -> int:
-    """Padding positions carry no loss, so any id works; prefer the tokenizer's pad, then eos."""
-    for i in (tokenizer.pad_id, tokenizer.eos_id):
-        if i is not None:
-            return i
-    return 0
 
 
 def run(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult:
