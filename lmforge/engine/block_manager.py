@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -81,7 +80,12 @@ class BlockManager:
     # -- allocation ------------------------------------------------------------------------------------------
 
     def allocate(
-        self, seq_id: str, token_ids: list[int], salt: str = "", max_new_tokens: int | None = None
+        self,
+        seq_id: str,
+        token_ids: list[int],
+        salt: str = "",
+        max_new_tokens: int | None = None,
+        hashes: list[bytes] | None = None,
     ) -> int | None:
         """Give a new sequence its blocks: reuse every leading cached full block of `token_ids`, then allocate
         slots for up to `max_new_tokens` more of them (all by default; the scheduler passes its token budget so a
@@ -93,7 +97,7 @@ class BlockManager:
         hits: list[tuple[int, bytes]] = []
         uncached: list[bytes] = []
         if self.enable_prefix_caching:
-            for h in self._prompt_hashes(token_ids, salt):
+            for h in self.prompt_hashes(token_ids, salt) if hashes is None else hashes:
                 block = None if uncached else self._cached.get(h)
                 if block is None:
                     uncached.append(h)
@@ -125,22 +129,24 @@ class BlockManager:
             self.prefix_cache_hits += num_cached
         return num_cached
 
-    def _prompt_hashes(self, token_ids: list[int], salt: str) -> Iterator[bytes]:
-        """The hash chain of a prompt's full blocks, within its first len-1 tokens: the last token is always
-        computed so there are logits to sample from, and its block is then fresh rather than a shared one being
-        written to."""
-        bs, parent = self.block_size, None
+    def prompt_hashes(self, token_ids: list[int], salt: str = "") -> list[bytes]:
+        """The hash chain of a prompt's full blocks (none without prefix caching), within its first len-1 tokens:
+        the last token is always computed so there are logits to sample from, and its block is then fresh rather
+        than a shared one being written to. The scheduler computes it once for `prefix_in_flight` and
+        `allocate`."""
+        if not self.enable_prefix_caching:
+            return []
+        bs, parent, chain = self.block_size, None, []
         for i in range((len(token_ids) - 1) // bs):
             parent = block_hash(parent, tuple(token_ids[i * bs : (i + 1) * bs]), salt)
-            yield parent
+            chain.append(parent)
+        return chain
 
-    def prefix_in_flight(self, token_ids: list[int], salt: str = "") -> bool:
-        """The first block of this prompt that is not cached is being computed right now by another sequence's
-        prompt (requests with a shared system prompt arriving together): admitting it now would compute the
-        same keys twice, where waiting for that sequence's step gets them from the cache."""
-        if not self.enable_prefix_caching:
-            return False
-        for h in self._prompt_hashes(token_ids, salt):
+    def prefix_in_flight(self, hashes: list[bytes]) -> bool:
+        """The first block of this prompt (`prompt_hashes`) that is not cached is being computed right now by
+        another sequence's prompt (requests with a shared system prompt arriving together): admitting it now
+        would compute the same keys twice, where waiting for that sequence's step gets them from the cache."""
+        for h in hashes:
             if h not in self._cached:
                 return h in self._computing
         return False

@@ -155,10 +155,11 @@ class Scheduler:
         # admitting while we preempt would only thrash the cache
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if bm.prefix_in_flight(seq.all_token_ids, seq.salt):
+            hashes = bm.prompt_hashes(seq.all_token_ids, seq.salt)
+            if bm.prefix_in_flight(hashes):
                 break  # its prefix is being computed this step: next step it is a cache hit (FCFS: all wait)
             max_new = self._chunk(seq.num_tokens, budget)
-            num_cached = bm.allocate(seq.request_id, seq.all_token_ids, seq.salt, max_new_tokens=max_new)
+            num_cached = bm.allocate(seq.request_id, seq.all_token_ids, seq.salt, max_new, hashes)
             if num_cached is None:
                 break  # FCFS: later requests do not overtake the head of the queue
             self.waiting.popleft()

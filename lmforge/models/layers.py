@@ -212,9 +212,9 @@ def rope_cos_sin(
     """cos and sin of shape (*positions.shape, 1, head_dim), ready to broadcast over heads; sin's first half is
     negated, so that apply_rope rotates by swapping halves (one op fewer per layer than negating them)."""
     freqs = positions.float()[..., None] * inv_freq  # (..., hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # (..., 1, hd)
-    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[..., None, :]
-    return emb.cos().to(dtype), sin.to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return cos[..., None, :].to(dtype), sin[..., None, :].to(dtype)  # (..., 1, hd)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

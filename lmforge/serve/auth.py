@@ -65,13 +65,7 @@ class ApiKey:
     def allows(self, model: str) -> bool:
         """`model` is on the allow-list: a name, or a shell-style pattern (`base:*` for a base model's LoRA
         adapters, `llama-*`), matched case-sensitively as model names are."""
-        if self.models is None:
-            return True
-        return any(model == m or (_is_pattern(m) and fnmatch.fnmatchcase(model, m)) for m in self.models)
-
-
-def _is_pattern(name: str) -> bool:
-    return any(c in name for c in "*?[")
+        return self.models is None or any(fnmatch.fnmatchcase(model, m) for m in self.models)
 
 
 class AuthError(Exception):

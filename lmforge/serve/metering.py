@@ -612,6 +612,7 @@ def _quota_exceeded(db: Database, key: ApiKey, args: dict) -> QuotaExceeded:
     tm, rw = tenant_months, rate_windows
     month, now = args["p_month"], args["p_now"]
     with db.read() as conn:
+        # the price and budget lookup is a plain SELECT: SQLite's hot-path statement serves both backends here
         in_price, out_price, limit = conn.execute(_sqlite_statements().lookup, args).one()
         row = conn.execute(sa.select(tm).where(tm.c.tenant_id == key.tenant_id, tm.c.month == month)).first()
         window = conn.execute(sa.select(rw).where(rw.c.key_id == key.id)).first()

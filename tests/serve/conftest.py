@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -139,8 +140,6 @@ def assert_ledger_consistent(db: Database) -> None:
 def recorded_statements(db: Database) -> Iterator[list[tuple[str, str]]]:
     """(thread name, SQL) of every statement `db` runs in the block: SQLAlchemy's, and the request path's raw
     ones (`Database.raw()` with `Prepared` statements, which SQLAlchemy's events do not see)."""
-    import threading
-
     seen: list[tuple[str, str]] = []
     execute = Prepared.execute
 
