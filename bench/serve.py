@@ -8,7 +8,10 @@ Starts the server as a subprocess (all cores), waits for /ready, and sends --req
 (temperature 0, `ignore_eos`, `max_tokens` 64) at each concurrency level, after one warm-up request. Then
 a shared-system-prompt run (16 concurrent, 32 requests, one ~400-token system prompt) with prefix caching on
 and off (a server restart). Output tokens come from the stream's `usage`; TTFT is request send to the first
-content delta, ITL the gaps between content deltas. --peer-url runs the same load against an already-running
+content delta, ITL the gaps between content deltas. The levels cycle through QUESTIONS' 64 prompts, --requests
+per level: with the defaults, level 16 repeats level 1's questions and level 64 level 4's, so a server with
+prefix caching (lmforge, vLLM) finds those prompts cached and pays only their last token's prefill; run one
+level alone (`--levels 16`) for fresh prompts. --peer-url runs the same load against an already-running
 OpenAI-compatible server instead (no server is started). --record appends the tables to bench/RESULTS.md.
 
     python bench/serve.py --metered [--model ...] [--clients 16] [--requests 128] [--rounds 3]

@@ -339,21 +339,27 @@ def serve(
             if db is not None:
                 db.close()
         return
+    from lmforge import runtime
     from lmforge.engine import AsyncEngine, EngineConfig, LLMEngine  # torch: after the quick checks
     from lmforge.serve.routes.classify import load_served
 
-    served_classifier = load_served(classifier, device, dtype)
-    ck = _load(model, device, dtype, threads)
-    config = EngineConfig(
-        max_num_seqs=max_batch,
-        max_num_batched_tokens=max_batched_tokens,
-        kv_cache_mb=kv_cache_mb,
-        enable_prefix_caching=prefix_caching,
-        pack_weights=pack_weights,
-    )
-    llm = LLMEngine(ck.model, config, eos_ids=ck.eos_ids)
-    for name, _, path in loras:
-        llm.add_lora(name, path)
+    def build():
+        served = load_served(classifier, device, dtype)
+        ck = _load(model, device, dtype, threads)
+        config = EngineConfig(
+            max_num_seqs=max_batch,
+            max_num_batched_tokens=max_batched_tokens,
+            kv_cache_mb=kv_cache_mb,
+            enable_prefix_caching=prefix_caching,
+            pack_weights=pack_weights,
+        )
+        llm = LLMEngine(ck.model, config, eos_ids=ck.eos_ids)
+        for name, _, path in loras:
+            llm.add_lora(name, path)
+        return served, ck, llm
+
+    # off the main thread, whose OpenMP team would otherwise outlive the loading and slow the engine's
+    served_classifier, ck, llm = runtime.run_in_thread(build)
     engine = AsyncEngine(llm, settings.model_name, max_waiting=max_queue, batch_wait_s=batch_wait_ms / 1000)
     engine.start()
     try:

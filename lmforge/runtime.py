@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from lmforge.errors import UserError
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 DTYPES |= {"float16": torch.float16, "fp16": torch.float16}
@@ -45,6 +50,32 @@ def set_threads(n: int | None = None) -> None:
     should split the cores between them: oversubscribed PyTorch CPU threads slow everything 30x."""
     n = n or int(os.environ.get("LMFORGE_THREADS", "0")) or os.cpu_count() or 1
     torch.set_num_threads(n)
+
+
+def run_in_thread(fn: Callable[[], T]) -> T:
+    """fn() on a short-lived thread: its result, or its exception re-raised here.
+
+    For the torch set-up ahead of a long-running torch thread (the serving engine's). GNU OpenMP gives each
+    thread that runs parallel work a team of its own, alive as long as that thread, and once its threads
+    outnumber the cores it stops spinning at barriers and sleeps there instead. Loading on the main thread
+    left that thread's team behind for good: the engine thread then switched 1,300-1,800 times a second
+    instead of 2-7, and its 16-sequence decode step ran ~10% slower (bench/RESULTS.md).
+    """
+    box: list = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=target, name="lmforge-setup")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def seed_everything(seed: int) -> torch.Generator:
