@@ -38,7 +38,7 @@ def test_run_in_thread_takes_its_openmp_team_with_it():
     runtime.run_in_thread(parallel_work)  # first use starts a process-wide helper thread, which stays
     before = tasks()
     during = runtime.run_in_thread(parallel_work)
-    assert during >= before + 2  # the set-up thread and at least one OpenMP worker
+    assert during > before  # the set-up thread (and, where torch starts a team for it, its OpenMP workers)
     deadline = time.monotonic() + 5.0  # the workers leave as their master's thread exits, just after join
     while tasks() > before and time.monotonic() < deadline:
         time.sleep(0.01)
