@@ -25,6 +25,18 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """A pyplot figure laid out, saved as PNG and closed (the caller has picked matplotlib's backend)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 @contextmanager
 def folder(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of `target` to fill; when the block ends it replaces `target` (an

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -61,21 +61,8 @@ def run_in_thread(fn: Callable[[], T]) -> T:
     left that thread's team behind for good: the engine thread then switched 1,300-1,800 times a second
     instead of 2-7, and its 16-sequence decode step ran ~10% slower (bench/RESULTS.md).
     """
-    box: list = []
-
-    def target() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            box.append((False, e))
-
-    thread = threading.Thread(target=target, name="lmforge-setup")
-    thread.start()
-    thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
+    with ThreadPoolExecutor(1, thread_name_prefix="lmforge-setup") as pool:  # leaving it joins the thread
+        return pool.submit(fn).result()
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -29,6 +29,16 @@ def test_run_in_thread_takes_its_openmp_team_with_it():
     def tasks() -> int:
         return len(os.listdir("/proc/self/task"))
 
+    def settled() -> int:
+        """The thread count once it stops falling: OpenMP workers leave just after their master's thread."""
+        n, deadline = tasks(), time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if (m := tasks()) == n:
+                break
+            n = m
+        return n
+
     def parallel_work() -> int:
         torch.set_num_threads(2)
         x = torch.randn(512, 512)
@@ -36,10 +46,7 @@ def test_run_in_thread_takes_its_openmp_team_with_it():
         return tasks()
 
     runtime.run_in_thread(parallel_work)  # first use starts a process-wide helper thread, which stays
-    before = tasks()
+    before = settled()
     during = runtime.run_in_thread(parallel_work)
     assert during > before  # the set-up thread (and, where torch starts a team for it, its OpenMP workers)
-    deadline = time.monotonic() + 5.0  # the workers leave as their master's thread exits, just after join
-    while tasks() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert tasks() == before
+    assert settled() == before

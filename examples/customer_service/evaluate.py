@@ -32,8 +32,9 @@ import torch
 
 from lmforge import atomic, checkpoint, runtime, store
 from lmforge.data import sft
+from lmforge.data.tokenizer import pad_id_of
 from lmforge.engine import EngineConfig, LLMEngine, SamplingParams
-from lmforge.train.finetune import pad_id_of, token_loss_sums
+from lmforge.train.finetune import token_loss_sums
 
 HERE = Path(__file__).resolve().parent
 SEQ_LEN = 512  # room for any held-out conversation (they are under 100 tokens)

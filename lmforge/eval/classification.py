@@ -7,7 +7,6 @@ classification --data FILE`)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +118,7 @@ def confusion_png(path: Path, label_names: list[str], matrix: list[list[int]], t
                     va="center",
                     color="white" if m[i, j] > threshold else "black",
                 )
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic.save_figure(fig, path)
 
 
 def score(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lmforge
+from lmforge import atomic
 from lmforge.checkpoint import Checkpoint
 from lmforge.errors import UserError
 from lmforge.eval import metrics, tasks
@@ -420,7 +421,5 @@ def _bar_chart(
         arrow = " (lower is better)" if main[t] in tasks.LOWER_IS_BETTER else ""
         ax.set_title(f"{t}\n{main[t]}{arrow}", fontsize=9)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    atomic.save_figure(fig, out_png)

@@ -32,7 +32,7 @@ from lmforge import atomic, checkpoint, config_io, store
 from lmforge.data import labels as labelled
 from lmforge.data.tokenizer import Tokenizer, pad_id_of
 from lmforge.errors import UserError
-from lmforge.eval.classification import CONFUSION_PNG, PREDICTIONS, REPORT, score  # noqa: F401 (its report files)
+from lmforge.eval.classification import REPORT, score
 from lmforge.models.classifier import SequenceClassifier
 from lmforge.models.lora import apply_lora
 from lmforge.train import loop

@@ -27,7 +27,7 @@ from torch import nn
 
 from lmforge import checkpoint, config_io, store
 from lmforge.data import sft
-from lmforge.data.tokenizer import Tokenizer, pad_id_of  # noqa: F401 (pad_id_of: part of this module's API)
+from lmforge.data.tokenizer import Tokenizer, pad_id_of
 from lmforge.errors import UserError
 from lmforge.models.classifier import POOLINGS
 from lmforge.models.lora import LoraConfig, LoraLinear, apply_lora, save_adapter

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge import atomic
 from lmforge.errors import UserError
 from lmforge.train.logging import CONFIG, STATUS, read_metrics
 
@@ -112,9 +113,4 @@ def plot(path: Path, out: Path | None = None) -> Path:
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return atomic.save_figure(fig, out)

@@ -18,6 +18,7 @@ from lmforge.data import labels
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import Classifier
 from lmforge.errors import UserError
+from lmforge.eval import classification
 from lmforge.models.classifier import SequenceClassifier, pool
 from lmforge.models.config import ModelConfig, gpt2_config
 from lmforge.models.gpt import build_model
@@ -120,7 +121,7 @@ def test_lora_classifier_reaches_high_accuracy(trained):
     assert r.store_name == "tickets"
     curve = losses(r.run_dir)
     assert curve[-1] < 0.2 * curve[0], curve
-    report = json.loads((r.run_dir / classify.REPORT).read_text())
+    report = json.loads((r.run_dir / classification.REPORT).read_text())
     assert report == r.metrics
     assert report["examples"] == 60 and report["labels"] == LABELS
     assert report["accuracy"] >= 0.9, report
@@ -130,8 +131,8 @@ def test_lora_classifier_reaches_high_accuracy(trained):
 def test_metrics_equal_scikit_learn_on_the_same_predictions(trained):
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     run_dir = trained.result.run_dir
-    report = json.loads((run_dir / classify.REPORT).read_text())
-    rows = [json.loads(line) for line in (run_dir / classify.PREDICTIONS).read_text().splitlines()]
+    report = json.loads((run_dir / classification.REPORT).read_text())
+    rows = [json.loads(line) for line in (run_dir / classification.PREDICTIONS).read_text().splitlines()]
     assert len(rows) == 60 and {r["prediction"] for r in rows} <= set(LABELS)
     y_true, y_pred = [r["label"] for r in rows], [r["prediction"] for r in rows]
     assert report["accuracy"] == sklearn_metrics.accuracy_score(y_true, y_pred)
@@ -152,7 +153,7 @@ def test_metrics_equal_scikit_learn_on_the_same_predictions(trained):
     # the confusion matrix is also a PNG
     import matplotlib.image
 
-    png = run_dir / classify.CONFUSION_PNG
+    png = run_dir / classification.CONFUSION_PNG
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[0] > 100
     assert not list(run_dir.glob(".*.tmp*"))  # written atomically: no temporary file left
 
@@ -210,7 +211,8 @@ def test_saved_folder_is_a_transformers_sequence_classifier(trained):
 
     # reloaded, the classifier gives the predictions the run reported for the validation set
     rows = [
-        json.loads(line) for line in (trained.result.run_dir / classify.PREDICTIONS).read_text().splitlines()
+        json.loads(line)
+        for line in (trained.result.run_dir / classification.PREDICTIONS).read_text().splitlines()
     ]
     again = ours.classify(labels.encode_texts(Tokenizer.from_folder(model_dir), [r["text"] for r in rows]))
     for row, p in zip(rows, again, strict=True):
@@ -236,11 +238,11 @@ def test_cli_classify_text_and_labelled_file(trained):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped 1 label never seen in training (line 4), 1 empty text (line 8)" in proc.stdout
-    report = json.loads((out / classify.REPORT).read_text())
+    report = json.loads((out / classification.REPORT).read_text())
     run_report = trained.result.metrics
     for key in ("accuracy", "f1_macro", "per_class", "confusion_matrix", "labels", "examples"):
         assert report[key] == run_report[key], key
-    assert (out / classify.CONFUSION_PNG).is_file()
+    assert (out / classification.CONFUSION_PNG).is_file()
 
     proc = cli("generate", "tickets", "Hello", cwd=trained.root, home=trained.home)
     assert_user_error(

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from lmforge import checkpoint, config_io
 from lmforge.data import chat_format, sft
+from lmforge.data.tokenizer import pad_id_of
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
 from lmforge.models.gpt import build_model
@@ -192,7 +193,7 @@ def test_loss_comes_from_assistant_tokens_only(smollm2, tiny_chat_model):
     convs = [conversation(rng)["messages"] + [{"role": "user", "content": "Again"}] for _ in range(3)]
     convs[0] += [{"role": "assistant", "content": "again and again"}]
     examples = sft.tokenize(convs, tok, seq_len=64)
-    x, y = sft.collate(examples, pad_id=finetune.pad_id_of(tok))
+    x, y = sft.collate(examples, pad_id=pad_id_of(tok))
     loss = next_token_loss(model, (x, y))
     # by hand: mean of -log p(next token) over the positions whose next token is an assistant token
     logp = torch.log_softmax(model(x).detach(), dim=-1)
