@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from types import FrameType
 
@@ -32,6 +31,7 @@ from lmforge.errors import UserError
 from lmforge.serve import errors, metering
 from lmforge.serve.db import Database
 from lmforge.serve.deps import ServerState
+from lmforge.serve.ledger import Ledger
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.middleware import BodySizeLimit, CountRequests
 from lmforge.serve.routes import admin, classify, console, openai, ops, usage
@@ -60,6 +60,8 @@ def create_app(
     state = ServerState(
         settings, engine, tokenizer, ServerMetrics(engine), db=db, classifier=classifier, upstreams=upstreams
     )
+    if db is not None:
+        state.ledger = Ledger(db)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,7 +70,6 @@ def create_app(
         for up in upstreams.values():  # one connection pool per upstream, on the serving event loop
             up.open()
         if db is not None:
-            state.ledger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-ledger")
             state.instance_id = await run_in_threadpool(metering.register_instance, db)
             await _reconcile(db, settings.stale_after_s)
             heartbeat = asyncio.create_task(_heartbeat(db, state.instance_id, settings))
@@ -88,8 +89,7 @@ def create_app(
             for up in upstreams.values():
                 await up.aclose()
             if state.ledger is not None:  # every request has settled by now (uvicorn drained them)
-                state.ledger.shutdown(wait=True)
-                state.ledger = None
+                state.ledger.close()
 
     app = FastAPI(title="lmforge", version="0.1.0", lifespan=lifespan)
     app.state.lmforge = state

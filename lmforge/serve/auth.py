@@ -11,7 +11,6 @@ model outside the key's allow-list.
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import hashlib
 import hmac
@@ -317,7 +316,7 @@ def api_error(exc: AuthError) -> Exception:
 
 async def require_key(request: Request) -> ApiKey | None:
     """The request's API key (401/403 otherwise); None on an open server (no database). Its database read runs
-    on the app's ledger thread, with the rest of the request path's database work (`ServerState.ledger`). The
+    on the app's ledger thread, with the rest of the request path's database work (`serve.ledger`). The
     key is left in `request.state.api_key`, where the app's RateLimitHeaders middleware finds it to add the
     x-ratelimit-* headers to the response."""
     from lmforge.serve.deps import get_state
@@ -328,7 +327,7 @@ async def require_key(request: Request) -> ApiKey | None:
         return None
     read = partial(authenticate, state.db, request.headers.get("authorization"))
     try:
-        key = await asyncio.get_running_loop().run_in_executor(state.ledger, read)
+        key = await state.ledger.run(read)
     except AuthError as e:
         raise api_error(e) from None
     request.state.api_key = key

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ from lmforge.serve.settings import Settings
 
 if TYPE_CHECKING:
     from lmforge.serve.db import Database
+    from lmforge.serve.ledger import Ledger
     from lmforge.serve.routes.classify import ServedClassifier
     from lmforge.serve.upstream import Upstream
 
@@ -30,12 +30,7 @@ class ServerState:
     instance_id: str | None = None  # this process's row in `instances` (metered servers only)
     classifier: ServedClassifier | None = None  # served at /v1/classifications beside the generation model
     upstreams: dict[str, Upstream] = field(default_factory=dict)  # models forwarded to other servers, by name
-    # The one thread the request path's database work runs on (authenticate, admit, settle), while the app runs
-    # (None before: the event loop's default pool). One thread, not a pool: the ledger writes serialise anyway
-    # (SQLite's write lock, PostgreSQL's locks on the tenant's month and the key's window), and fewer threads
-    # trading the GIL with the engine's thread leave it more of the CPU. bench/serve.py --metered, 16 clients:
-    # metered/unmetered 0.865x -> 0.922x on SQLite, 0.835x -> 0.909x on PostgreSQL (two threads: 0.916x, 0.889x).
-    ledger: Executor | None = None
+    ledger: Ledger | None = None  # the thread the request path's database work runs on (with a db)
 
     def admit(self, num_requests: int) -> None:
         """Refuse work the engine should not queue: 503 while not ready or draining, 429 when the queue is full."""

@@ -8,6 +8,7 @@ raw DB-API cursors, `Database.raw()`):
               a 'pending' ledger row
     settle()  ledger row -> completed | cancelled | failed, with the tokens the client was told
               month: the hold moves to spent (the actual cost); the TPM window gets the unused tokens back
+              (settle_many: several requests' settles in one transaction, the server's group commit)
 
 Each check-and-charge is ONE conditional upsert (`INSERT .. ON CONFLICT DO UPDATE .. WHERE <still fits>
 RETURNING`), atomic on SQLite (one writer at a time) and on PostgreSQL (the conflicting row is locked and the
@@ -632,8 +633,7 @@ def _quota_exceeded(db: Database, key: ApiKey, args: dict) -> QuotaExceeded:
     )
 
 
-def settle(
-    db: Database,
+def settlement(
     admission: Admission,
     *,
     prompt_tokens: int,
@@ -641,15 +641,14 @@ def settle(
     status: str,
     error: str | None = None,
     now: datetime | None = None,
-) -> None:
-    """Close the request's ledger row with the tokens the client was told, in ONE transaction; the hold moves to
-    spent as the actual cost and unused TPM tokens go back to the window. A second call is a no-op."""
+) -> dict[str, Any]:
+    """What `settle_many` needs to close an admitted request's row with the tokens the client was told: its cost
+    at the admission's prices, and the TPM tokens it did not use."""
     if status not in FINAL_STATUSES:
         raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
     if prompt_tokens < 0 or completion_tokens < 0:
         raise ValueError(f"negative token counts: {prompt_tokens}, {completion_tokens}")
     a = admission
-    now = now or utcnow()
     cost = prompt_tokens * a.input_uusd_per_mtok + completion_tokens * a.output_uusd_per_mtok
     if cost > a.reserved_pusd:
         log.warning(
@@ -662,34 +661,57 @@ def settle(
             a.reserved_tokens,
         )
     unused = a.reserved_tokens - prompt_tokens - completion_tokens
-    refund = unused if a.window_start is not None and a.key.tpm is not None and unused > 0 else 0
-    args = {
+    return {
         "p_usage_id": a.usage_id,
         "p_status": status,
         "p_prompt": prompt_tokens,
         "p_completion": completion_tokens,
         "p_cost": cost,
-        "p_now": now,
+        "p_now": now or utcnow(),
         "p_error": error,
         "p_key_id": a.key.id,
         "p_window_start": a.window_start,
-        "p_unused": refund,
+        "p_unused": unused if a.window_start is not None and a.key.tpm is not None and unused > 0 else 0,
         "p_tenant_id": a.key.tenant_id,
         "p_month": a.month,
         "p_hold": a.reserved_pusd,
     }
+
+
+def settle(db: Database, admission: Admission, **told: Any) -> None:
+    """Close the request's ledger row with the tokens the client was told (`settlement()`'s arguments), in ONE
+    transaction; the hold moves to spent as the actual cost and unused TPM tokens go back to the window. A
+    second call is a no-op."""
+    settle_many(db, [settlement(admission, **told)])
+
+
+def settle_many(db: Database, settlements: list[dict[str, Any]]) -> None:
+    """Settle several requests (`settlement()`s) in ONE transaction: a group commit, one commit for all of them.
+    Each is closed as `settle` would close it alone, and one settled before is skipped.
+
+    PostgreSQL lock order: the batch runs tenant by tenant and key by key, so it takes each tenant's rate
+    windows and then its month before the next tenant's rows -- the order admit takes them in for one tenant --
+    and two processes' batches take shared rows in the same order: no lock cycle."""
+    if not settlements:
+        return
     if db.dialect == "postgresql":
-        with db.raw(transaction=False) as cur:  # one statement: atomic by itself
-            db.prepared(_PG_SETTLE).execute(cur, args).fetchall()
+        if len(settlements) == 1:
+            with db.raw(transaction=False) as cur:  # one statement: atomic by itself
+                db.prepared(_PG_SETTLE).execute(cur, settlements[0]).fetchall()
+            return
+        with db.raw(transaction=True) as cur:
+            for args in sorted(settlements, key=lambda a: (a["p_tenant_id"], a["p_key_id"])):
+                db.prepared(_PG_SETTLE).execute(cur, args).fetchall()
         return
     q = _sqlite_statements()
     with db.raw(transaction=True) as cur:
-        if not db.prepared(q.close_row).execute(cur, args).rowcount:
-            return  # settled before, or failed by reconcile_stale: its hold is already released
-        if refund:
-            db.prepared(q.refund_tokens).execute(cur, args)
-        if cost or a.reserved_pusd:
-            db.prepared(q.settle_month).execute(cur, args)
+        for args in settlements:
+            if not db.prepared(q.close_row).execute(cur, args).rowcount:
+                continue  # settled before, or failed by reconcile_stale: its hold is already released
+            if args["p_unused"]:
+                db.prepared(q.refund_tokens).execute(cur, args)
+            if args["p_cost"] or args["p_hold"]:
+                db.prepared(q.settle_month).execute(cur, args)
 
 
 # -------------------------------------------------------------------------------------- server processes

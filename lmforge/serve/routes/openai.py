@@ -21,7 +21,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -42,6 +41,7 @@ from lmforge.serve.db import Database
 from lmforge.serve.deps import ServerState, get_state
 from lmforge.serve.errors import APIError, error_for
 from lmforge.serve.generation import Choice, ChoiceDelta, merge, stream_choice
+from lmforge.serve.ledger import Ledger
 from lmforge.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -300,15 +300,11 @@ class _Tally:
         state.metrics.completion_tokens.inc(usage.completion_tokens)
 
 
-async def _uncancelled(
-    executor: Executor | None, fn: Callable[[], T], undo: Callable[[T], object] | None = None
-) -> T:
-    """Run a database transaction on a worker thread and wait for its outcome even if this task is cancelled
-    meanwhile, so whether a ledger change happened is never unknown; then `undo(result)` (also waited for) and
-    raise the cancellation. anyio's shield keeps the app's own cancel scopes out (a closed stream); a plain
-    `task.cancel()` (uvicorn giving up on shutdown) still arrives, and is caught and deferred here."""
-    loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(executor, fn)
+async def _uncancelled(future: asyncio.Future[T], undo: Callable[[T], Awaitable[object]] | None = None) -> T:
+    """Wait for a ledger change's outcome (a `Ledger` future) even if this task is cancelled meanwhile, so
+    whether it happened is never unknown; then `undo(result)` (also waited for) and raise the cancellation.
+    anyio's shield keeps the app's own cancel scopes out (a closed stream); a plain `task.cancel()` (uvicorn
+    giving up on shutdown) still arrives, and is caught and deferred here."""
     interrupted = False
     with anyio.CancelScope(shield=True):
         while True:
@@ -320,7 +316,7 @@ async def _uncancelled(
                     raise
                 interrupted = True
         if interrupted and undo is not None:
-            await asyncio.wait([loop.run_in_executor(executor, undo, result)])
+            await asyncio.wait([asyncio.ensure_future(undo(result))])
     if interrupted:
         raise asyncio.CancelledError()
     return result
@@ -349,7 +345,7 @@ class Meter:
     settled: bool = False
 
     async def admit(self) -> None:
-        db, key = self.state.db, self.key
+        db, key, ledger = self.state.db, self.key, self._ledger()
         admit = partial(
             metering.admit,
             db,
@@ -361,20 +357,18 @@ class Meter:
             instance_id=self.state.instance_id,
         )
         # admitted, but cancelled meanwhile: nothing will run, so the hold goes back at once
-        undo = partial(_settle_unused, db)
-        self.admission = await _uncancelled(self.state.ledger, admit, undo)
+        self.admission = await _uncancelled(ledger.run(admit), partial(ledger.run, _settle_unused, db))
         self.request.state.ratelimit_headers = self.admission.headers
 
     async def settle(self, status: str, error: str | None = None) -> None:
-        """Bill the tally. The client has its answer whatever happens here, so a database that fails is retried
-        (settling twice is a no-op) and then logged, never turned into an error response."""
+        """Bill the tally (with the ledger's next group commit). The client has its answer whatever happens here,
+        so a database that fails is retried (settling twice is a no-op) and then logged, never turned into an
+        error response."""
         if self.admission is None or self.settled:
             return
         self.settled = True
         prompt_tokens, completion_tokens = self.billed()
-        settle = partial(
-            metering.settle,
-            self.state.db,
+        settlement = metering.settlement(
             self.admission,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -383,7 +377,7 @@ class Meter:
         )
         for wait in SETTLE_RETRIES_S:
             try:
-                await _uncancelled(self.state.ledger, settle)
+                await _uncancelled(self._ledger().settle(settlement))
                 return
             except Exception:
                 if wait is None:
@@ -394,6 +388,11 @@ class Meter:
                 log.warning("settling request %s failed; retrying in %s s", self.admission.request_id, wait)
                 with anyio.CancelScope(shield=True):
                     await asyncio.sleep(wait)
+
+    def _ledger(self) -> Ledger:
+        if self.state.ledger is None:
+            raise RuntimeError("a metered request on a server without a database")
+        return self.state.ledger
 
     async def ended(self, exc: BaseException | None) -> None:
         """Settle by how the request ended: normally, by an engine error, or cancelled (the client left)."""

@@ -1,0 +1,127 @@
+"""Group-committed settles, on SQLite and PostgreSQL: `metering.settle_many` closes many requests in one
+transaction exactly as one-by-one settles would, and the server's `Ledger` batches the settles of one event-loop
+turn into one transaction without letting a settle that fails take the others down."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from lmforge.serve import auth, metering
+from lmforge.serve.ledger import Ledger
+from lmforge.serve.metering import settle_many, settlement
+from tests.serve.conftest import assert_ledger_consistent
+from tests.serve.test_metering import IN, OUT, T0, go, ledger, month_row, ratelimit_tokens, setup
+
+
+def test_settle_many_is_exact_and_skips_settled_rows(database):
+    """Two tenants, three keys, in one batch: each month gets its rows' costs, each TPM window its unused
+    tokens back, and a row settled before keeps its first settlement."""
+    a_key = setup(database, tpm=1000)
+    b_key = setup(database, tpm=1000, tenant="beta")
+    a2_key, _ = auth.create_key(database, "acme", tpm=1000)
+    admitted = [
+        go(database, a_key, "a1", prompt=10, max_tokens=20),
+        go(database, b_key, "b1", prompt=30, max_tokens=40),
+        go(database, a2_key, "a2", prompt=5, max_tokens=50),
+        go(database, a_key, "a3", prompt=8, max_tokens=10),
+    ]
+    early = admitted[3]
+    metering.settle(database, early, prompt_tokens=8, completion_tokens=2, status="cancelled")
+    told = {"a1": (10, 7), "b1": (30, 40), "a2": (5, 0), "a3": (8, 10)}  # a3's second settlement is ignored
+    later = T0 + timedelta(seconds=3)
+    batch = []
+    for a in admitted:
+        prompt, completion = told[a.request_id]
+        batch.append(
+            settlement(a, prompt_tokens=prompt, completion_tokens=completion, status="completed", now=later)
+        )
+    settle_many(database, batch)
+    rows = {r.request_id: r for r in ledger(database)}
+    assert {rid: (r.status, r.completion_tokens) for rid, r in rows.items()} == {
+        "a1": ("completed", 7), "b1": ("completed", 40), "a2": ("completed", 0), "a3": ("cancelled", 2),
+    }  # fmt: skip
+    assert rows["a1"].finished_at == later and rows["a3"].finished_at != later
+    acme = (10 * IN + 7 * OUT) + (5 * IN) + (8 * IN + 2 * OUT)
+    beta = 30 * IN + 40 * OUT
+    assert month_row(database, tenant_id=a_key.tenant_id) == (acme, 0)
+    assert month_row(database, tenant_id=b_key.tenant_id) == (beta, 0)
+    # each window keeps only what was used: a1 17 + a3 10 (settled early) on a_key, 70 on b_key, 5 on a2_key
+    assert ratelimit_tokens(database, a_key) == 17 + 10
+    assert ratelimit_tokens(database, b_key) == 70
+    assert ratelimit_tokens(database, a2_key) == 5
+    assert_ledger_consistent(database)
+
+
+def test_the_ledger_settles_one_loop_turn_in_one_transaction(database, monkeypatch):
+    key = setup(database, tpm=10_000)
+    admitted = [go(database, key, f"r{i}", prompt=10, max_tokens=20) for i in range(20)]
+    batches: list[int] = []
+    real = metering.settle_many
+
+    def counted(db, settlements):
+        batches.append(len(settlements))
+        return real(db, settlements)
+
+    monkeypatch.setattr(metering, "settle_many", counted)
+
+    async def main() -> None:
+        ledger_thread = Ledger(database)
+        try:
+            first = [ledger_thread.settle(settlement(a, prompt_tokens=10, completion_tokens=i, status="completed"))
+                     for i, a in enumerate(admitted[:15])]  # fmt: skip
+            await asyncio.gather(*first)
+            # settles that come while a batch is being written wait for the next one
+            rest = [ledger_thread.settle(settlement(a, prompt_tokens=10, completion_tokens=1, status="cancelled"))
+                    for a in admitted[15:]]  # fmt: skip
+            await asyncio.gather(*rest)
+        finally:
+            ledger_thread.close()
+
+    asyncio.run(main())
+    assert batches == [15, 5]
+    assert [r.status for r in ledger(database)] == ["completed"] * 15 + ["cancelled"] * 5
+    spent = sum(10 * IN + i * OUT for i in range(15)) + 5 * (10 * IN + 1 * OUT)
+    assert month_row(database) == (spent, 0)
+    assert ratelimit_tokens(database, key) == sum(10 + i for i in range(15)) + 5 * 11
+    assert_ledger_consistent(database)
+
+
+def test_a_settle_that_fails_does_not_fail_its_batch(database):
+    """A settlement the database refuses (here a NULL status) fails alone: the batch is retried one by one, the
+    others are committed, and the refused request stays pending with its hold, as after a failed settle."""
+    key = setup(database)
+    admitted = [go(database, key, f"r{i}", prompt=10, max_tokens=20) for i in range(5)]
+    settlements = [settlement(a, prompt_tokens=10, completion_tokens=3, status="completed") for a in admitted]
+    settlements[2]["p_status"] = None
+
+    async def main() -> list[object]:
+        ledger_thread = Ledger(database)
+        try:
+            return await asyncio.gather(*map(ledger_thread.settle, settlements), return_exceptions=True)
+        finally:
+            ledger_thread.close()
+
+    outcomes = asyncio.run(main())
+    assert [o is None for o in outcomes] == [True, True, False, True, True]
+    assert [r.status for r in ledger(database)] == [
+        "completed",
+        "completed",
+        "pending",
+        "completed",
+        "completed",
+    ]
+    assert month_row(database) == (4 * (10 * IN + 3 * OUT), 10 * IN + 20 * OUT)
+    assert_ledger_consistent(database)
+
+
+@pytest.mark.parametrize("status", ["pending", "refunded"])
+def test_settlement_checks_its_arguments(database, status):
+    key = setup(database)
+    a = go(database, key, "r1")
+    with pytest.raises(ValueError, match="status must be one of"):
+        settlement(a, prompt_tokens=1, completion_tokens=1, status=status)
+    with pytest.raises(ValueError, match="negative token counts"):
+        settlement(a, prompt_tokens=-1, completion_tokens=1, status="completed")
