@@ -484,6 +484,46 @@ SELECT count(*) FROM closed
 )
 
 
+_PG_SETTLE_MANY_ARRAYS = ("p_usage_id", "p_status", "p_prompt", "p_completion", "p_cost", "p_now", "p_error",
+                          "p_key_id", "p_window_start", "p_unused", "p_month", "p_hold")  # fmt: skip
+
+# settle_many's batch on PostgreSQL: ONE statement for the whole batch (one round trip, one commit), the settles
+# as parallel arrays. Only rows still pending are closed, and only those give their tokens back and move their
+# holds to spent, summed per rate window and per tenant month.
+_PG_SETTLE_MANY = sa.text(
+    f"""
+WITH batch AS (
+    SELECT * FROM unnest(
+        CAST(:p_usage_id AS bigint[]), CAST(:p_status AS text[]), CAST(:p_prompt AS bigint[]),
+        CAST(:p_completion AS bigint[]), CAST(:p_cost AS bigint[]), CAST(:p_now AS timestamptz[]),
+        CAST(:p_error AS text[]), CAST(:p_key_id AS bigint[]), CAST(:p_window_start AS timestamptz[]),
+        CAST(:p_unused AS bigint[]), CAST(:p_month AS text[]), CAST(:p_hold AS bigint[])
+    ) AS b(usage_id, status, prompt, completion, cost, now, error, key_id, window_start, unused, month, hold)
+), closed AS (
+    UPDATE usage AS u SET status = b.status, prompt_tokens = b.prompt, completion_tokens = b.completion,
+        cost_pusd = b.cost, reserved_pusd = 0, finished_at = b.now, error = b.error
+    FROM batch AS b
+    WHERE u.id = b.usage_id AND u.status = '{PENDING}'
+    RETURNING u.id, u.tenant_id
+), done AS (
+    SELECT b.*, closed.tenant_id FROM batch AS b JOIN closed ON closed.id = b.usage_id
+), refunded AS (
+    UPDATE rate_windows AS w SET tokens = w.tokens - r.unused
+    FROM (SELECT key_id, window_start, sum(unused) AS unused FROM done WHERE unused > 0
+          GROUP BY key_id, window_start ORDER BY key_id) AS r
+    WHERE w.key_id = r.key_id AND w.window_start = r.window_start AND w.tokens >= r.unused
+), spent AS (
+    INSERT INTO tenant_months AS tm (tenant_id, month, spent_pusd, reserved_pusd)
+    SELECT tenant_id, month, sum(cost), -sum(hold) FROM done WHERE cost > 0 OR hold > 0
+    GROUP BY tenant_id, month ORDER BY tenant_id, month
+    ON CONFLICT (tenant_id, month) DO UPDATE SET spent_pusd = tm.spent_pusd + excluded.spent_pusd,
+        reserved_pusd = tm.reserved_pusd + excluded.reserved_pusd
+)
+SELECT count(*) FROM closed
+"""
+)
+
+
 def admit(
     db: Database,
     key: ApiKey,
@@ -686,12 +726,11 @@ def settle(db: Database, admission: Admission, **told: Any) -> None:
 
 
 def settle_many(db: Database, settlements: list[dict[str, Any]]) -> None:
-    """Settle several requests (`settlement()`s) in ONE transaction: a group commit, one commit for all of them.
-    Each is closed as `settle` would close it alone, and one settled before is skipped.
-
-    PostgreSQL lock order: the batch runs tenant by tenant and key by key, so it takes each tenant's rate
-    windows and then its month before the next tenant's rows -- the order admit takes them in for one tenant --
-    and two processes' batches take shared rows in the same order: no lock cycle."""
+    """Settle several requests (`settlement()`s) in ONE transaction: a group commit, one commit for all of them
+    (on PostgreSQL one statement, _PG_SETTLE_MANY). Each is closed as `settle` would close it alone, and one
+    settled before is skipped. On PostgreSQL the batch takes its rate windows in key order and its tenant months
+    in tenant order; should two processes' batches still wait on each other, PostgreSQL's deadlock detection
+    fails one of them, and the server's ledger then settles that batch one by one (`serve.ledger`)."""
     if not settlements:
         return
     if db.dialect == "postgresql":
@@ -699,9 +738,9 @@ def settle_many(db: Database, settlements: list[dict[str, Any]]) -> None:
             with db.raw(transaction=False) as cur:  # one statement: atomic by itself
                 db.prepared(_PG_SETTLE).execute(cur, settlements[0]).fetchall()
             return
-        with db.raw(transaction=True) as cur:
-            for args in sorted(settlements, key=lambda a: (a["p_tenant_id"], a["p_key_id"])):
-                db.prepared(_PG_SETTLE).execute(cur, args).fetchall()
+        arrays = {name: [s[name] for s in settlements] for name in _PG_SETTLE_MANY_ARRAYS}
+        with db.raw(transaction=False) as cur:
+            db.prepared(_PG_SETTLE_MANY).execute(cur, arrays).fetchall()
         return
     q = _sqlite_statements()
     with db.raw(transaction=True) as cur:

@@ -12,7 +12,7 @@ import pytest
 from lmforge.serve import auth, metering
 from lmforge.serve.ledger import Ledger
 from lmforge.serve.metering import settle_many, settlement
-from tests.serve.conftest import assert_ledger_consistent
+from tests.serve.conftest import assert_ledger_consistent, recorded_statements
 from tests.serve.test_metering import IN, OUT, T0, go, ledger, month_row, ratelimit_tokens, setup
 
 
@@ -38,7 +38,10 @@ def test_settle_many_is_exact_and_skips_settled_rows(database):
         batch.append(
             settlement(a, prompt_tokens=prompt, completion_tokens=completion, status="completed", now=later)
         )
-    settle_many(database, batch)
+    with recorded_statements(database) as statements:
+        settle_many(database, batch)
+    if database.dialect == "postgresql":  # the whole batch is one statement (SQLite: one transaction)
+        assert len(statements) == 1, statements
     rows = {r.request_id: r for r in ledger(database)}
     assert {rid: (r.status, r.completion_tokens) for rid, r in rows.items()} == {
         "a1": ("completed", 7), "b1": ("completed", 40), "a2": ("completed", 0), "a3": ("cancelled", 2),
