@@ -22,7 +22,8 @@ metered on a fresh SQLite file; metered on a fresh PostgreSQL database, skipped 
 with a key that has RPM/TPM limits, a price and a budget, so every request takes the whole metered path
 (key lookup, admit, settle). Each round sends --requests non-streamed chat requests with a 1-token completion
 from --clients concurrent clients to each server in turn (rotating the order); the table gives each server's
-median requests/s over the rounds and its ratio to the unmetered server's.
+median requests/s over the rounds, its ratio to the unmetered server's median, and the median of its per-round
+ratios to the unmetered server's rate in the same round (drift between rounds cancels out of those).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import platform
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -518,14 +520,18 @@ def metered_main(args: argparse.Namespace) -> None:
             with pg_admin.connect() as conn:
                 conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
             pg_admin.dispose()
-    medians = [sorted(x)[len(x) // 2] for x in rates]
-    cpu_medians = [sorted(x)[len(x) // 2] for x in cpu]
+    medians = [statistics.median(x) for x in rates]
+    cpu_medians = [statistics.median(x) for x in cpu]
+    # each round's ratio to the unmetered server's rate in the same round: the machine's drift between rounds
+    # (15% and more here) cancels out of it, so it is the steadier estimate of what metering costs
+    paired = [statistics.median(x / base for x, base in zip(xs, rates[0], strict=True)) for xs in rates]
     table = [
-        "| server | req/s (median) | req/s per round | vs unmetered | server CPU ms/request (median) |",
-        "|---|---|---|---|---|",
+        "| server | req/s (median) | req/s per round | vs unmetered (medians) | vs unmetered (median of per-round "
+        "ratios) | server CPU ms/request (median) |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {name} | {m:.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {m / medians[0]:.3f}x | {c:.2f} |"
-            for (name, _, _), m, xs, c in zip(configs, medians, rates, cpu_medians, strict=True)
+            f"| {name} | {m:.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {m / medians[0]:.3f}x | {p:.3f}x | {c:.2f} |"
+            for (name, _, _), m, xs, p, c in zip(configs, medians, rates, paired, cpu_medians, strict=True)
         ),
     ]
     note = f"Errors: {errors}. Server exit status after SIGTERM: {', '.join(map(str, exits))} (0 expected)."
