@@ -9,8 +9,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from lmforge.engine.engine import LLMEngine
 from lmforge.engine.types import (
@@ -23,6 +24,8 @@ from lmforge.engine.types import (
 )
 
 log = logging.getLogger("lmforge.engine")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,6 +42,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: asyncio.Future
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, name: str, *, max_waiting: int = 256, batch_wait_s: float = 0.0):
         self.engine = engine
@@ -46,7 +55,7 @@ class AsyncEngine:
         self.batch_wait_s = batch_wait_s
         cfg = engine.model_config
         self._info = ModelInfo(name, cfg.max_seq_len, cfg.vocab_size, int(time.time()))
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()  # guards _streams between the loop thread and the event loop
@@ -77,6 +86,10 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
             self._thread = None
+        while not self._commands.empty():  # calls that came as the loop stopped: never to run
+            cmd = self._commands.get_nowait()
+            if isinstance(cmd, _Call):
+                _settle_future(cmd.future, None, EngineDraining("the server is shutting down"))
 
     # -- EngineClient ----------------------------------------------------------------------------------------
 
@@ -125,6 +138,13 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
 
+    async def run(self, fn: Callable[[], T]) -> T:
+        if not self._running:
+            raise EngineDraining("the engine is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._send(_Call(fn, future))
+        return await future
+
     def health(self) -> EngineStats:
         return dataclasses.replace(
             self._stats, ready=self._running and not self._draining, draining=self._draining
@@ -136,7 +156,7 @@ class AsyncEngine:
 
     # -- the engine thread -----------------------------------------------------------------------------------
 
-    def _send(self, command: _Add | _Abort) -> None:
+    def _send(self, command: _Add | _Abort | _Call) -> None:
         self._commands.put(command)
         self._wake.set()
 
@@ -188,6 +208,12 @@ class AsyncEngine:
                     self._deliver(cmd.request_id, e)
             elif isinstance(cmd, _Abort):
                 self.engine.abort(cmd.request_id)
+            elif isinstance(cmd, _Call):
+                try:
+                    result, error = cmd.fn(), None
+                except Exception as e:
+                    result, error = None, e
+                cmd.future.get_loop().call_soon_threadsafe(_settle_future, cmd.future, result, error)
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         """A step's outputs: one wake-up of each event loop for all of them (a step of 16 sequences used to
@@ -207,6 +233,15 @@ class AsyncEngine:
         if target is not None:
             loop, out_queue = target
             loop.call_soon_threadsafe(out_queue.put_nowait, item)
+
+
+def _settle_future(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

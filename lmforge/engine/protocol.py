@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol, TypeVar, runtime_checkable
 
 from lmforge.engine.types import EngineStats, ModelInfo, RequestOutput, SamplingParams
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -28,6 +30,12 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its cache is freed within one engine step. Unknown ids are ignored."""
+        ...
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """fn() on the thread that runs the engine's torch work, between steps: other torch work of the server
+        (a classifier served beside the model) goes here, so that the process keeps one OpenMP team (see
+        `runtime.run_in_thread`). Raises EngineDraining when the engine is not running."""
         ...
 
     def health(self) -> EngineStats: ...

@@ -36,7 +36,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -531,6 +532,7 @@ class NoEngine:
 
     def __init__(self, created: int) -> None:
         self._created = created
+        self._torch: ThreadPoolExecutor | None = None
 
     def generate(
         self,
@@ -545,6 +547,12 @@ class NoEngine:
 
     async def abort(self, request_id: str) -> None:
         return None
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """On one thread of its own: without an engine, it is the process's only thread running torch work."""
+        if self._torch is None:
+            self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-torch")
+        return await asyncio.get_running_loop().run_in_executor(self._torch, fn)
 
     def health(self) -> EngineStats:
         return EngineStats(ready=True, draining=False, num_running=0, num_waiting=0, kv_cache_usage=0.0)

@@ -2,6 +2,7 @@
 chunking, preemption or prefix caching."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -102,6 +103,41 @@ async def until(condition, timeout=2.0):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached in time")
+
+
+def test_async_engine_runs_calls_on_its_thread_between_steps(tiny):
+    """EngineClient.run: the function runs on the engine's own thread (one OpenMP team per process), between
+    the steps of a request that keeps generating unchanged; its exception comes back; after shutdown: 503."""
+
+    async def main():
+        engine = AsyncEngine(LLMEngine(tiny, EngineConfig(kv_cache_mb=4)), "tiny")
+        with pytest.raises(EngineDraining):
+            await engine.run(threading.current_thread)  # not started
+        engine.start()
+        assert (await engine.run(threading.current_thread)).name == "lmforge-engine"  # idle engine
+        prompt = random_prompts(1, seed=3)[0]
+        params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+        steps_seen = []
+
+        async def calls():
+            for _ in range(5):
+                steps_seen.append(await engine.run(lambda: engine.engine.stats().num_running))
+
+        tokens, _ = await asyncio.gather(collect(engine.generate(prompt, params, "r1")), calls())
+        assert tokens == alone(tiny, prompt, params)
+        assert 1 in steps_seen  # some calls ran while the request was in the batch
+        with pytest.raises(ZeroDivisionError):
+            await engine.run(lambda: 1 / 0)
+        assert await engine.run(lambda: 7) == 7  # the engine thread lives on
+        await engine.shutdown(drain_timeout=1)
+        with pytest.raises(EngineDraining):
+            await engine.run(lambda: 7)
+
+    asyncio.run(main())
+
+
+async def collect(stream):
+    return [t async for out in stream for t in out.new_token_ids]
 
 
 def test_async_engine_streams_aborts_and_refuses(tiny):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from lmforge.engine import EngineStats, ModelInfo, RequestOutput, SamplingParams, TokenLogprob
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -90,6 +93,9 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self.aborted[request_id] = time.monotonic()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.to_thread(fn)
 
     def health(self) -> EngineStats:
         return EngineStats(

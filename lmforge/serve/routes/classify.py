@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -188,7 +189,8 @@ async def create_classification(
         )
         await meter.admit()  # RateLimited / QuotaExceeded before the classifier runs
     try:
-        probs = await run_in_threadpool(served.classifier.classify, prompts)
+        # on the engine's thread: one OpenMP team per process (EngineClient.run)
+        probs = await state.engine.run(partial(served.classifier.classify, prompts))
         data = []
         for i, p in enumerate(probs):
             label = max(p, key=p.__getitem__)
