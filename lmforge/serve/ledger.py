@@ -34,9 +34,8 @@ class Ledger:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._executor: ThreadPoolExecutor | None = None
-        self._lock = (
-            threading.Lock()
-        )  # the queue is filled on the event loop and emptied on the ledger thread
+        # the queue is filled on the event loop and emptied on the ledger thread
+        self._lock = threading.Lock()
         self._queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flush_queued = False
 
