@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,7 +46,7 @@ class _Abort:
 @dataclass
 class _Call:
     fn: Callable[[], Any]
-    future: asyncio.Future
+    future: Future
 
 
 class AsyncEngine:
@@ -88,8 +89,8 @@ class AsyncEngine:
             self._thread = None
         while not self._commands.empty():  # calls that came as the loop stopped: never to run
             cmd = self._commands.get_nowait()
-            if isinstance(cmd, _Call):
-                _settle_future(cmd.future, None, EngineDraining("the server is shutting down"))
+            if isinstance(cmd, _Call) and cmd.future.set_running_or_notify_cancel():
+                cmd.future.set_exception(EngineDraining("the server is shutting down"))
 
     # -- EngineClient ----------------------------------------------------------------------------------------
 
@@ -141,9 +142,9 @@ class AsyncEngine:
     async def run(self, fn: Callable[[], T]) -> T:
         if not self._running:
             raise EngineDraining("the engine is not running")
-        future = asyncio.get_running_loop().create_future()
+        future: Future[T] = Future()
         self._send(_Call(fn, future))
-        return await future
+        return await asyncio.wrap_future(future)
 
     def health(self) -> EngineStats:
         return dataclasses.replace(
@@ -208,12 +209,11 @@ class AsyncEngine:
                     self._deliver(cmd.request_id, e)
             elif isinstance(cmd, _Abort):
                 self.engine.abort(cmd.request_id)
-            elif isinstance(cmd, _Call):
+            elif isinstance(cmd, _Call) and cmd.future.set_running_or_notify_cancel():  # skipped if cancelled
                 try:
-                    result, error = cmd.fn(), None
+                    cmd.future.set_result(cmd.fn())
                 except Exception as e:
-                    result, error = None, e
-                cmd.future.get_loop().call_soon_threadsafe(_settle_future, cmd.future, result, error)
+                    cmd.future.set_exception(e)
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         """A step's outputs: one wake-up of each event loop for all of them (a step of 16 sequences used to
@@ -233,15 +233,6 @@ class AsyncEngine:
         if target is not None:
             loop, out_queue = target
             loop.call_soon_threadsafe(out_queue.put_nowait, item)
-
-
-def _settle_future(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled meanwhile
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lmforge.serve import metering
@@ -36,7 +36,7 @@ class Ledger:
         self._executor: ThreadPoolExecutor | None = None
         # the queue is filled on the event loop and emptied on the ledger thread
         self._lock = threading.Lock()
-        self._queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._queue: list[tuple[dict[str, Any], Future[None]]] = []
         self._flush_queued = False
 
     def _thread(self) -> ThreadPoolExecutor:
@@ -51,16 +51,14 @@ class Ledger:
     def settle(self, settlement: dict[str, Any]) -> asyncio.Future[None]:
         """Settle a request (`metering.settlement()`) with the next group commit; the future is done once it is
         committed, or holds the error that stopped it."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: Future[None] = Future()
         with self._lock:
             self._queue.append((settlement, future))
-            if self._flush_queued:
-                return future
+            flush = not self._flush_queued
             self._flush_queued = True
-        # submitted after this loop turn, so the other requests ending in it join the same batch
-        loop.call_soon(self._submit_flush)
-        return future
+        if flush:  # submitted after this loop turn, so the other requests ending in it join the same batch
+            asyncio.get_running_loop().call_soon(self._submit_flush)
+        return asyncio.wrap_future(future)
 
     def _submit_flush(self) -> None:
         self._thread().submit(self._flush)
@@ -80,7 +78,13 @@ class Ledger:
             else:  # one at a time, so a settle that cannot be made does not fail the others
                 errors = [_attempt(self.db, s) for s, _ in batch]
         for (_, future), error in zip(batch, errors, strict=True):
-            future.get_loop().call_soon_threadsafe(_resolve, future, error)
+            # a caller that stopped waiting (cancelled) has its request settled all the same
+            if not future.set_running_or_notify_cancel():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
     def close(self) -> None:
         """Finish the queued work (every request has settled by now: uvicorn drained them) and stop the thread."""
@@ -95,12 +99,3 @@ def _attempt(db: Database, settlement: dict[str, Any]) -> BaseException | None:
     except Exception as e:
         return e
     return None
-
-
-def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)

@@ -245,7 +245,7 @@ class _Statements:
     """The hot path's statements on SQLite, built once and run with parameters: building a Core statement
     costs about ten times more than running a built one (measured: 2 ms vs 0.2 ms for the window upsert).
     SQLite runs them one by one in its transaction (cheap: no round trips); PostgreSQL runs _PG_ADMIT and
-    _PG_SETTLE below instead."""
+    _PG_SETTLE_MANY below instead."""
 
     charge_window: Any
     lookup: Any
@@ -455,40 +455,11 @@ FROM held CROSS JOIN go LEFT JOIN w ON true
 )
 BUDGET_REFUSED = "22012"  # SQLSTATE division_by_zero: _PG_ADMIT's refusal of the hold
 
-_PG_SETTLE = sa.text(
-    f"""
-WITH closed AS (
-    UPDATE usage SET status = :p_status, prompt_tokens = :p_prompt, completion_tokens = :p_completion,
-        cost_pusd = :p_cost, reserved_pusd = 0, finished_at = :p_now, error = :p_error
-    WHERE id = :p_usage_id AND status = '{PENDING}'
-    RETURNING tenant_id
-), refunded AS (
-    UPDATE rate_windows SET tokens = tokens - :p_unused
-    WHERE key_id = :p_key_id AND window_start = :p_window_start AND tokens >= :p_unused AND :p_unused > 0
-      AND EXISTS (SELECT 1 FROM closed)
-), spent AS (
-    INSERT INTO tenant_months AS tm (tenant_id, month, spent_pusd, reserved_pusd)
-    SELECT tenant_id, :p_month, :p_cost, 0 FROM closed WHERE :p_cost > 0 OR :p_hold > 0
-    ON CONFLICT (tenant_id, month) DO UPDATE SET spent_pusd = tm.spent_pusd + excluded.spent_pusd,
-        reserved_pusd = tm.reserved_pusd - :p_hold
-)
-SELECT count(*) FROM closed
-"""
-).bindparams(
-    sa.bindparam("p_now", type_=UTCDateTime),
-    sa.bindparam("p_window_start", type_=UTCDateTime),
-    sa.bindparam("p_error", type_=sa.Text),
-    sa.bindparam("p_cost", type_=sa.BigInteger),
-    sa.bindparam("p_hold", type_=sa.BigInteger),
-    sa.bindparam("p_unused", type_=sa.BigInteger),
-)
-
-
 _PG_SETTLE_MANY_ARRAYS = ("p_usage_id", "p_status", "p_prompt", "p_completion", "p_cost", "p_now", "p_error",
                           "p_key_id", "p_window_start", "p_unused", "p_month", "p_hold")  # fmt: skip
 
-# settle_many's batch on PostgreSQL: ONE statement for the whole batch (one round trip, one commit), the settles
-# as parallel arrays. Only rows still pending are closed, and only those give their tokens back and move their
+# settle_many on PostgreSQL: ONE statement for a whole batch, or a single settle (one round trip, one commit, atomic
+# by itself), the settles as parallel arrays. Only rows still pending are closed, and only those give their tokens back and move their
 # holds to spent, summed per rate window and per tenant month.
 _PG_SETTLE_MANY = sa.text(
     f"""
@@ -688,6 +659,8 @@ def settlement(
         raise ValueError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
     if prompt_tokens < 0 or completion_tokens < 0:
         raise ValueError(f"negative token counts: {prompt_tokens}, {completion_tokens}")
+    if now is not None and now.tzinfo is None:  # as UTCDateTime: the PostgreSQL batch's arrays bypass it
+        raise ValueError(f"naive datetime {now!r}: lmforge stores timezone-aware UTC datetimes")
     a = admission
     cost = prompt_tokens * a.input_uusd_per_mtok + completion_tokens * a.output_uusd_per_mtok
     if cost > a.reserved_pusd:
@@ -734,10 +707,6 @@ def settle_many(db: Database, settlements: list[dict[str, Any]]) -> None:
     if not settlements:
         return
     if db.dialect == "postgresql":
-        if len(settlements) == 1:
-            with db.raw(transaction=False) as cur:  # one statement: atomic by itself
-                db.prepared(_PG_SETTLE).execute(cur, settlements[0]).fetchall()
-            return
         arrays = {name: [s[name] for s in settlements] for name in _PG_SETTLE_MANY_ARRAYS}
         with db.raw(transaction=False) as cur:
             db.prepared(_PG_SETTLE_MANY).execute(cur, arrays).fetchall()
