@@ -283,14 +283,55 @@ def authenticate(db: Database, authorization: str | None, *, now: datetime | Non
     if row is None:
         raise AuthError(401, f"Incorrect API key provided: {_shown(secret)}.", "invalid_api_key")
     key = _key(row)
-    now = now or utcnow()
+    check_live(key, now or utcnow())
+    return key
+
+
+def check_live(key: ApiKey, now: datetime) -> None:
+    """AuthError 403 for a key revoked or expired at `now`."""
     if key.revoked_at is not None and key.revoked_at <= now:
-        raise AuthError(403, f"The API key {key.prefix}... has been revoked.", "key_revoked")
+        raise revoked(key)
     if key.expires_at is not None and key.expires_at <= now:
         raise AuthError(
             403, f"The API key {key.prefix}... expired at {key.expires_at.isoformat()}.", "key_expired"
         )
-    return key
+
+
+def revoked(key: ApiKey) -> AuthError:
+    return AuthError(403, f"The API key {key.prefix}... has been revoked.", "key_revoked")
+
+
+class KeyCache:
+    """This process's keys by their `Authorization` header, for the routes that admit their request through
+    `metering.admit`: a cached key costs no database round trip. That is exact because a key never changes
+    after creation except by being revoked, and admit re-checks revocation in its own statement (expiry is
+    checked on every request against the cached key). Bounded by clearing it when full; used from the event
+    loop only."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._keys: dict[str, ApiKey] = {}
+
+    @staticmethod
+    def _hash(authorization: str | None) -> str | None:
+        secret = _bearer(authorization)
+        return None if secret is None else hash_secret(secret)
+
+    def get(self, authorization: str | None) -> ApiKey | None:
+        digest = self._hash(authorization)
+        return None if digest is None else self._keys.get(digest)
+
+    def put(self, authorization: str | None, key: ApiKey) -> None:
+        digest = self._hash(authorization)
+        if digest is not None:
+            if len(self._keys) >= self.size:
+                self._keys.clear()
+            self._keys[digest] = key
+
+    def discard(self, authorization: str | None) -> None:
+        digest = self._hash(authorization)
+        if digest is not None:
+            self._keys.pop(digest, None)
 
 
 def check_model(key: ApiKey, model: str) -> None:
@@ -315,20 +356,36 @@ def api_error(exc: AuthError) -> Exception:
 
 
 async def require_key(request: Request) -> ApiKey | None:
-    """The request's API key (401/403 otherwise); None on an open server (no database). Its database read runs
-    on the app's ledger thread, with the rest of the request path's database work (`serve.ledger`). The
-    key is left in `request.state.api_key`, where the app's RateLimitHeaders middleware finds it to add the
-    x-ratelimit-* headers to the response."""
+    """The request's API key (401/403 otherwise), read from the database; None on an open server (no
+    database). The read runs on the app's ledger thread, with the rest of the request path's database work
+    (`serve.ledger`). The key is left in `request.state.api_key`, where the app's RateLimitHeaders middleware
+    finds it to add the x-ratelimit-* headers to the response."""
+    return await _require_key(request, cached=False)
+
+
+async def require_admitted_key(request: Request) -> ApiKey | None:
+    """`require_key` for the routes that admit their request (`metering.admit`, which re-checks revocation):
+    the key comes from the process's KeyCache when it is there."""
+    return await _require_key(request, cached=True)
+
+
+async def _require_key(request: Request, *, cached: bool) -> ApiKey | None:
     from lmforge.serve.deps import get_state
 
     state = get_state(request)
     if state.db is None:
         request.state.api_key = None
         return None
-    read = partial(authenticate, state.db, request.headers.get("authorization"))
+    header = request.headers.get("authorization")
+    key = state.keys.get(header) if cached else None
     try:
-        key = await state.ledger.run(read)
+        if key is None:
+            key = await state.ledger.run(partial(authenticate, state.db, header))
+            state.keys.put(header, key)
+        else:
+            check_live(key, utcnow())
     except AuthError as e:
+        state.keys.discard(header)
         raise api_error(e) from None
     request.state.api_key = key
     return key

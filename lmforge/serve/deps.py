@@ -9,6 +9,7 @@ from fastapi import Request
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import EngineClient, EngineDraining, EngineOverloaded
+from lmforge.serve.auth import KeyCache
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.settings import Settings
 
@@ -31,6 +32,7 @@ class ServerState:
     classifier: ServedClassifier | None = None  # served at /v1/classifications beside the generation model
     upstreams: dict[str, Upstream] = field(default_factory=dict)  # models forwarded to other servers, by name
     ledger: Ledger | None = None  # the thread the request path's database work runs on (with a db)
+    keys: KeyCache = field(default_factory=KeyCache)  # the metered routes' keys (see auth.KeyCache)
 
     def admit(self, num_requests: int) -> None:
         """Refuse work the engine should not queue: 503 while not ready or draining, 429 when the queue is full."""

@@ -3,7 +3,8 @@
 The request path is two write transactions around generation (on PostgreSQL one statement each; all of it on
 raw DB-API cursors, `Database.raw()`):
 
-    admit()   rate window +1 request, +(prompt + max_tokens) tokens     -> RateLimited if over RPM/TPM
+    admit()   the key is not revoked (auth.KeyCache: a cached key)     -> auth.AuthError 403
+              rate window +1 request, +(prompt + max_tokens) tokens     -> RateLimited if over RPM/TPM
               tenant's month: reserved += the request's maximum cost   -> QuotaExceeded if over the budget
               a 'pending' ledger row
     settle()  ledger row -> completed | cancelled | failed, with the tokens the client was told
@@ -44,7 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from lmforge.errors import UserError
-from lmforge.serve.auth import ApiKey, get_tenant
+from lmforge.serve.auth import ApiKey, get_tenant, revoked
 from lmforge.serve.db import (
     BigId,
     Database,
@@ -303,6 +304,10 @@ def _sqlite_statements() -> _Statements:
         sa.select(budgets.c.limit_pusd)
         .where(budgets.c.tenant_id == tenant_id, budgets.c.month == month)
         .scalar_subquery(),
+        sa.exists().where(  # the key is not revoked (auth.KeyCache)
+            api_keys.c.id == B("p_key_id", type_=sa.Integer),
+            sa.or_(api_keys.c.revoked_at.is_(None), api_keys.c.revoked_at > now),
+        ),
     )
 
     tm = tenant_months
@@ -387,9 +392,13 @@ def _sqlite_statements() -> _Statements:
 _PG_ADMIT = (
     sa.text(
         """
-WITH w AS (
+WITH live AS (
+    SELECT EXISTS (
+        SELECT 1 FROM api_keys WHERE id = :p_key_id AND (revoked_at IS NULL OR revoked_at > :p_now)
+    ) AS ok
+), w AS (
     INSERT INTO rate_windows AS rw (key_id, window_start, requests, tokens)
-    SELECT :p_key_id, :p_now, 1, :p_tokens WHERE :p_limited
+    SELECT :p_key_id, :p_now, 1, :p_tokens FROM live WHERE live.ok AND :p_limited
     ON CONFLICT (key_id) DO UPDATE SET
         window_start = CASE WHEN rw.window_start <= :p_cutoff THEN excluded.window_start ELSE rw.window_start END,
         requests = CASE WHEN rw.window_start <= :p_cutoff THEN 1 ELSE rw.requests + 1 END,
@@ -398,7 +407,7 @@ WITH w AS (
        OR (rw.requests + 1 <= :p_rpm AND rw.tokens + excluded.tokens <= :p_tpm)
     RETURNING rw.window_start, rw.requests, rw.tokens
 ), go AS (
-    SELECT NOT :p_limited OR EXISTS (SELECT 1 FROM w) AS ok
+    SELECT live.ok AND (NOT :p_limited OR EXISTS (SELECT 1 FROM w)) AS ok, live.ok AS key_ok FROM live
 ), held AS (
     SELECT coalesce(p.input_uusd_per_mtok, 0) AS p_in, coalesce(p.output_uusd_per_mtok, 0) AS p_out,
            b.limit_pusd AS p_limit,
@@ -426,7 +435,7 @@ WITH w AS (
     WHERE go.ok AND (hold = 0 OR EXISTS (SELECT 1 FROM reserved))
     RETURNING id
 )
-SELECT (SELECT id FROM admitted) AS usage_id, go.ok AS window_ok, w.window_start, w.requests, w.tokens,
+SELECT (SELECT id FROM admitted) AS usage_id, go.key_ok, go.ok AS window_ok, w.window_start, w.requests, w.tokens,
        held.hold, held.p_in, held.p_out,
        1 / CASE WHEN go.ok AND NOT EXISTS (SELECT 1 FROM admitted) THEN 0 ELSE 1 END AS budget_ok
 FROM held CROSS JOIN go LEFT JOIN w ON true
@@ -443,6 +452,7 @@ FROM held CROSS JOIN go LEFT JOIN w ON true
     )
     .columns(
         sa.column("usage_id", BigId),
+        sa.column("key_ok", sa.Boolean),
         sa.column("window_ok", sa.Boolean),
         sa.column("window_start", UTCDateTime),
         sa.column("requests", sa.Integer),
@@ -547,8 +557,10 @@ def admit(
     except sa.exc.IntegrityError:
         raise ValueError(f"request id {request_id!r} is already in the ledger") from None
     except _Refused as refused:  # rolled back: nothing was consumed; the error reads the state that refused
+        if refused.by == "key":
+            raise revoked(key) from None
         raise (
-            _quota_exceeded(db, key, args) if refused.by_budget else _rate_limited(db, key, args)
+            _quota_exceeded(db, key, args) if refused.by == "budget" else _rate_limited(db, key, args)
         ) from None
     if window is None:
         headers = {}
@@ -571,21 +583,24 @@ def admit(
 
 
 class _Refused(Exception):
-    """Raised inside admit's transaction (or statement) to roll it back: by the rate window or by the budget."""
+    """Raised inside admit's transaction (or after its statement) to roll it back: `by` the key (revoked since
+    the request was authenticated: auth.KeyCache), the rate window or the budget."""
 
-    def __init__(self, *, by_budget: bool) -> None:
-        self.by_budget = by_budget
+    def __init__(self, by: str) -> None:
+        self.by = by
 
 
 def _admit_statements(db: Database, cur: Any, limited: bool, args: dict) -> tuple:
     """admit's transaction as a statement per step (SQLite)."""
     q = _sqlite_statements()
+    in_price, out_price, limit, live = db.prepared(q.lookup).first(cur, args)
+    if not live:
+        raise _Refused("key")
     window = None
     if limited:
         window = db.prepared(q.charge_window).first(cur, args)
         if window is None:
-            raise _Refused(by_budget=False)
-    in_price, out_price, limit = db.prepared(q.lookup).first(cur, args)
+            raise _Refused("window")
     in_price, out_price = in_price or 0, out_price or 0
     hold = args["p_prompt"] * in_price + args["p_max"] * out_price
     if hold:
@@ -593,7 +608,7 @@ def _admit_statements(db: Database, cur: Any, limited: bool, args: dict) -> tupl
         if limit is None:
             db.prepared(q.reserve).execute(cur, hold_args)
         elif hold > limit or db.prepared(q.reserve_within).first(cur, hold_args | {"p_limit": limit}) is None:
-            raise _Refused(by_budget=True)
+            raise _Refused("budget")
     row = db.prepared(q.insert_pending).first(
         cur, args | {"p_hold": hold, "p_in": in_price, "p_out": out_price}
     )
@@ -606,10 +621,12 @@ def _admit_postgres(db: Database, cur: Any, limited: bool, args: dict) -> tuple:
         row = db.prepared(_PG_ADMIT).first(cur, args | {"p_limited": limited})
     except db.dbapi_error as e:
         if getattr(e, "sqlstate", None) == BUDGET_REFUSED:
-            raise _Refused(by_budget=True) from None
+            raise _Refused("budget") from None
         raise
+    if not row.key_ok:
+        raise _Refused("key")
     if not row.window_ok:
-        raise _Refused(by_budget=False)
+        raise _Refused("window")
     return row.usage_id, (row if limited else None), row.p_in, row.p_out, row.hold
 
 
@@ -625,7 +642,7 @@ def _quota_exceeded(db: Database, key: ApiKey, args: dict) -> QuotaExceeded:
     month, now = args["p_month"], args["p_now"]
     with db.read() as conn:
         # the price and budget lookup is a plain SELECT: SQLite's hot-path statement serves both backends here
-        in_price, out_price, limit = conn.execute(_sqlite_statements().lookup, args).one()
+        in_price, out_price, limit, _ = conn.execute(_sqlite_statements().lookup, args).one()
         row = conn.execute(sa.select(tm).where(tm.c.tenant_id == key.tenant_id, tm.c.month == month)).first()
         window = conn.execute(sa.select(rw).where(rw.c.key_id == key.id)).first()
     hold = args["p_prompt"] * (in_price or 0) + args["p_max"] * (out_price or 0)

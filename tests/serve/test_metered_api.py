@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from lmforge.serve import auth, metering
 from lmforge.serve.app import create_app
-from lmforge.serve.db import api_keys, instances, tenant_months, utcnow
+from lmforge.serve.db import api_keys, instances, rate_windows, tenant_months, utcnow
 from lmforge.serve.settings import Settings
 from tests.serve.conftest import recorded_statements
 from tests.serve.fake_engine import FakeEngine
@@ -141,6 +141,28 @@ def test_revoked_expired_and_not_allowed_keys_are_403(url, database, engine):
     )
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert engine.requests == [] and ledger_rows(database) == []
+
+
+def test_a_key_revoked_after_the_server_cached_it_is_refused_with_nothing_consumed(url, database, engine):
+    """The generation routes take their key from the process's cache; admit's own statement re-checks that it
+    is not revoked, so a revocation by another process (here: straight to the database) holds at once."""
+    priced(database)
+    key, secret = new_key(database, rpm=10)
+    ok = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=bearer(secret))
+    assert ok.status_code == 200 and ok.headers["x-ratelimit-remaining-requests"] == "9"
+    auth.revoke_key(database, str(key.id))
+    for path, body in (  # the first finds the key cached and is refused by admit; the second reads it anew
+        ("/v1/completions", {"model": MODEL, "prompt": "x"}),
+        ("/v1/chat/completions", {"model": MODEL, "messages": USER, "stream": True}),
+    ):
+        r = httpx.post(url + path, json=body, headers=bearer(secret))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "key_revoked", r.text
+        assert r.json()["error"]["message"] == f"The API key {key.prefix}... has been revoked."
+    assert httpx.get(url + "/v1/models", headers=bearer(secret)).status_code == 403
+    assert len(engine.requests) == 1 and [r.request_id for r in ledger_rows(database)] == [ok.json()["id"]]
+    with database.read() as conn:  # the refused requests charged nothing to the window
+        assert conn.execute(sa.select(rate_windows.c.requests)).scalars().all() == [1]
+    assert_books_balance(database)
 
 
 # --- rate limits ---------------------------------------------------------------------------------------
@@ -326,7 +348,9 @@ def test_the_request_paths_database_work_runs_on_the_one_ledger_thread(database,
             client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
             list(client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True))
     threads = [thread for thread, _ in statements]
-    assert len(threads) >= 6 and {t.split("_")[0] for t in threads} == {"lmforge-ledger"}, statements
+    assert len(threads) >= 5 and {t.split("_")[0] for t in threads} == {"lmforge-ledger"}, statements
+    # the key is read once: the second request finds it in the process's KeyCache
+    assert sum(sql.lstrip().startswith("SELECT api_keys.id") for _, sql in statements) == 1, statements
     assert_books_balance(database)
 
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from lmforge.errors import UserError
 from lmforge.serve import auth, metering
-from lmforge.serve.db import instances, rate_windows, tenant_months, usage
+from lmforge.serve.db import api_keys, instances, rate_windows, tenant_months, usage
 from lmforge.serve.metering import QuotaExceeded, RateLimited, admit, settle
 from tests.serve.conftest import assert_ledger_consistent, recorded_statements
 
@@ -127,6 +127,28 @@ def test_the_request_path_costs_one_statement_per_step_on_postgres(database):
     if database.dialect == "postgresql":
         assert len(statements) == 3, statements
     assert month_row(database) == (10 * IN + 7 * OUT, 0)
+    assert_ledger_consistent(database)
+
+
+def test_admit_refuses_a_revoked_key_and_consumes_nothing(database):
+    """A server authenticates a metered request from its KeyCache; admit's statement is what sees a revocation
+    made since (by another process), and refuses the request before charging anything."""
+    key = setup(database, rpm=100, tpm=10_000)
+    metering.set_budget(database, "acme", "25", month="2026-11")
+    first = go(database, key, "r1")
+    with database.write() as conn:  # revoked at T0 + 1 s, as `lmforge admin key revoke` would
+        conn.execute(
+            sa.update(api_keys).where(api_keys.c.id == key.id).values(revoked_at=T0 + timedelta(seconds=1))
+        )
+    go(database, key, "r2")  # at T0 the key was not revoked yet
+    before = (month_row(database), ledger(database), ratelimit_tokens(database, key))
+    with pytest.raises(auth.AuthError) as e:
+        go(database, key, "r3", now=T0 + timedelta(seconds=1))
+    assert (e.value.status, e.value.code) == (403, "key_revoked") and key.prefix in e.value.message
+    assert (month_row(database), ledger(database), ratelimit_tokens(database, key)) == before
+    assert [r.request_id for r in before[1]] == ["r1", "r2"] and before[2] == 60
+    # a request admitted before the revocation still settles
+    settle(database, first, prompt_tokens=10, completion_tokens=3, status="completed")
     assert_ledger_consistent(database)
 
 

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import EngineDraining
 from lmforge.errors import UserError
-from lmforge.serve.auth import ApiKey, AuthError, api_error, check_model, require_key
+from lmforge.serve.auth import ApiKey, AuthError, api_error, check_model, require_admitted_key
 from lmforge.serve.deps import ServerState, get_state
 from lmforge.serve.errors import APIError
 from lmforge.serve.protocol import ErrorResponse
@@ -156,7 +156,7 @@ def _check_lengths(prompts: list[list[int]], max_seq_len: int) -> None:
 
 @router.post("/v1/classifications", response_model=Classification, responses=_ERRORS)
 async def create_classification(
-    body: ClassificationRequest, request: Request, key: ApiKey | None = Depends(require_key)
+    body: ClassificationRequest, request: Request, key: ApiKey | None = Depends(require_admitted_key)
 ) -> Classification:
     state = get_state(request)
     if state.draining:

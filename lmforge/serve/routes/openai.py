@@ -36,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import TokenLogprob
 from lmforge.serve import metering, sse
-from lmforge.serve.auth import ApiKey, check_model, require_key
+from lmforge.serve.auth import ApiKey, AuthError, api_error, check_model, require_admitted_key, require_key
 from lmforge.serve.db import Database
 from lmforge.serve.deps import ServerState, get_state
 from lmforge.serve.errors import APIError, error_for
@@ -76,7 +76,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-router = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter()
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def _other_cards(state: ServerState) -> list[ModelCard]:
     return cards + [up.card(created) for up in state.upstreams.values()]
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)])
 async def list_models(request: Request, state: ServerState = Depends(get_state)) -> ModelList:
     local = []
     if state.settings.model_name is not None:  # None: a pure gateway (upstream models only)
@@ -121,7 +121,9 @@ async def list_models(request: Request, state: ServerState = Depends(get_state))
     return ModelList(data=cards)
 
 
-@router.get("/v1/models/{model}", response_model=ModelCard, responses=_ERRORS)
+@router.get(
+    "/v1/models/{model}", response_model=ModelCard, responses=_ERRORS, dependencies=[Depends(require_key)]
+)
 async def get_model(model: str, state: ServerState = Depends(get_state)) -> ModelCard:
     for card in _other_cards(state):
         if card.id == model:
@@ -357,7 +359,11 @@ class Meter:
             instance_id=self.state.instance_id,
         )
         # admitted, but cancelled meanwhile: nothing will run, so the hold goes back at once
-        self.admission = await _uncancelled(ledger.run(admit), partial(ledger.run, _settle_unused, db))
+        try:
+            self.admission = await _uncancelled(ledger.run(admit), partial(ledger.run, _settle_unused, db))
+        except AuthError as e:  # the key was revoked after the process cached it (auth.KeyCache)
+            self.state.keys.discard(self.request.headers.get("authorization"))
+            raise api_error(e) from None
         self.request.state.ratelimit_headers = self.admission.headers
 
     async def settle(self, status: str, error: str | None = None) -> None:
@@ -559,7 +565,7 @@ def _completion_logprobs(
     responses={**_ERRORS, 200: {"content": _STREAM}},
 )
 async def create_completion(
-    body: CompletionRequest, request: Request, key: ApiKey | None = Depends(require_key)
+    body: CompletionRequest, request: Request, key: ApiKey | None = Depends(require_admitted_key)
 ) -> Response:
     state = get_state(request)
     if body.model in state.upstreams:  # forwarded to another server, metered the same way
@@ -636,7 +642,7 @@ async def create_completion(
     responses={**_ERRORS, 200: {"content": _STREAM}},
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, key: ApiKey | None = Depends(require_key)
+    body: ChatCompletionRequest, request: Request, key: ApiKey | None = Depends(require_admitted_key)
 ) -> Response:
     state = get_state(request)
     if body.model in state.upstreams:  # forwarded to another server, metered the same way
