@@ -23,7 +23,10 @@ with a key that has RPM/TPM limits, a price and a budget, so every request takes
 (key lookup, admit, settle). Each round sends --requests non-streamed chat requests with a 1-token completion
 from --clients concurrent clients to each server in turn (rotating the order); the table gives each server's
 median requests/s over the rounds, its ratio to the unmetered server's median, and the median of its per-round
-ratios to the unmetered server's rate in the same round (drift between rounds cancels out of those).
+ratios to the unmetered server's rate in the same round (drift between rounds cancels out of those), and the CPU
+each request costs outside the engine: in the server process (all threads but the engine's, whose OpenMP team
+spins between steps) and in PostgreSQL's processes. Those two are steadier than the rates, which swing with how
+the clients fall into phase with the engine's steps.
 """
 
 from __future__ import annotations
@@ -219,6 +222,24 @@ async def run_load(url: str, bodies: list[dict], concurrency: int) -> Stats:
     return st
 
 
+def _stat_cpu(proc: Path) -> float:
+    """User + system CPU seconds of a /proc/PID or /proc/PID/task/TID entry."""
+    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU seconds used so far by this machine's PostgreSQL processes (its backends, WAL writer...)."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "postgres":
+                total += _stat_cpu(proc)
+        except OSError:  # exited meanwhile
+            pass
+    return total
+
+
 class Server:
     """`lmforge serve` in a subprocess, its log in a temporary file."""
 
@@ -274,12 +295,19 @@ class Server:
         return rc
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux /proc; nan elsewhere)."""
+        """CPU time (user + system) of the server process so far outside its engine: the request path's. The
+        engine's thread and its OpenMP team (named lmforge-engine) are left out: their threads spin between
+        steps, so what they use says nothing about a request's cost. Linux /proc; nan elsewhere."""
+        tasks = Path(f"/proc/{self.proc.pid}/task")
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            engine = sum(
+                _stat_cpu(t) for t in tasks.iterdir() if (t / "comm").read_text().strip() == "lmforge-engine"
+            )
+            return (
+                _stat_cpu(Path(f"/proc/{self.proc.pid}")) - engine
+            )  # the process's total keeps exited threads'
         except OSError:
             return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def tail(self, n: int = 40) -> str:
         self.log.flush()
@@ -501,17 +529,19 @@ def metered_main(args: argparse.Namespace) -> None:
         for i, (_, _, secret) in enumerate(configs):
             asyncio.run(tiny_requests(servers[i].url, model, secret, args.requests, args.clients))
         rates: list[list[float]] = [[] for _ in configs]
-        cpu: list[list[float]] = [[] for _ in configs]  # server process CPU ms per request, each round
+        cpu: list[list[float]] = [[] for _ in configs]  # request-path CPU ms per request, each round
+        pg_cpu: list[list[float]] = [[] for _ in configs]  # PostgreSQL's CPU ms per request, each round
         errors = 0
         for r in range(args.rounds):
             for i in [(r + j) % len(configs) for j in range(len(configs))]:
-                before = servers[i].cpu_seconds()
+                before, pg_before = servers[i].cpu_seconds(), postgres_cpu_seconds()
                 rate, failed = asyncio.run(
                     tiny_requests(servers[i].url, model, configs[i][2], args.requests, args.clients)
                 )
                 servers[i].check_alive()
                 rates[i].append(rate)
                 cpu[i].append((servers[i].cpu_seconds() - before) / (args.requests + 4) * 1e3)
+                pg_cpu[i].append((postgres_cpu_seconds() - pg_before) / (args.requests + 4) * 1e3)
                 errors += failed
                 print(f"round {r + 1}: {configs[i][0]}: {rate:.1f} req/s", flush=True)
     finally:
@@ -522,16 +552,20 @@ def metered_main(args: argparse.Namespace) -> None:
             pg_admin.dispose()
     medians = [statistics.median(x) for x in rates]
     cpu_medians = [statistics.median(x) for x in cpu]
+    pg_medians = [statistics.median(x) for x in pg_cpu]
     # each round's ratio to the unmetered server's rate in the same round: the machine's drift between rounds
     # (15% and more here) cancels out of it, so it is the steadier estimate of what metering costs
     paired = [statistics.median(x / base for x, base in zip(xs, rates[0], strict=True)) for xs in rates]
     table = [
         "| server | req/s (median) | req/s per round | vs unmetered (medians) | vs unmetered (median of per-round "
-        "ratios) | server CPU ms/request (median) |",
+        "ratios) | CPU ms/request: server outside the engine, PostgreSQL (medians) |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {name} | {m:.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {m / medians[0]:.3f}x | {p:.3f}x | {c:.2f} |"
-            for (name, _, _), m, xs, p, c in zip(configs, medians, rates, paired, cpu_medians, strict=True)
+            f"| {name} | {m:.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {m / medians[0]:.3f}x | {p:.3f}x "
+            f"| {c:.2f}, {g:.2f} |"
+            for (name, _, _), m, xs, p, c, g in zip(
+                configs, medians, rates, paired, cpu_medians, pg_medians, strict=True
+            )
         ),
     ]
     note = f"Errors: {errors}. Server exit status after SIGTERM: {', '.join(map(str, exits))} (0 expected)."

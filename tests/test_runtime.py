@@ -14,6 +14,20 @@ def test_run_in_thread_returns_the_value_from_another_thread():
     assert runtime.run_in_thread(lambda: [1, 2]) == [1, 2]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="thread names are read from Linux's /proc")
+def test_name_os_thread_names_the_thread_and_what_it_starts():
+    def comm() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+
+    def named() -> tuple[str, str]:
+        runtime.name_os_thread("lmforge-a-long-thread-name")  # the OS keeps 15 bytes
+        return comm(), runtime.run_in_thread(comm)  # a thread it starts inherits the name
+
+    assert runtime.run_in_thread(named) == ("lmforge-a-long-", "lmforge-a-long-")
+    assert comm() != "lmforge-a-long-"  # the caller's thread keeps its own
+
+
 def test_run_in_thread_reraises_the_exception():
     def fail():
         raise UserError("no such model: x")

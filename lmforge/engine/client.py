@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from lmforge import runtime
 from lmforge.engine.engine import LLMEngine
 from lmforge.engine.types import (
     EngineDraining,
@@ -162,15 +163,17 @@ class AsyncEngine:
         self._wake.set()
 
     def _loop(self) -> None:
+        runtime.name_os_thread("lmforge-engine")  # and so its OpenMP team: top -H tells engine from server
         engine = self.engine
         self._stats = engine.stats()
         while self._running:
-            self._apply_commands()
-            if not engine.has_unfinished:
+            if not engine.has_unfinished:  # idle: wait for work, then for the rest of its burst
                 self._stats = engine.stats()
                 if self._wake.wait(timeout=0.5):
                     self._wake.clear()
                     self._gather()
+            self._apply_commands()
+            if not engine.has_unfinished:
                 continue
             try:
                 outputs = engine.step()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from lmforge import runtime
 from lmforge.serve import metering
 from lmforge.serve.db import Database
 
@@ -41,7 +42,9 @@ class Ledger:
 
     def _thread(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-ledger")
+            self._executor = ThreadPoolExecutor(
+                1, "lmforge-ledger", initializer=runtime.name_os_thread, initargs=("lmforge-ledger",)
+            )
         return self._executor
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
