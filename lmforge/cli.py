@@ -325,15 +325,17 @@ def serve(
         db = open_database(resolve_url(database_url, store.home()))
     if no_model:  # a pure gateway: no model to load, no engine to run
         import time
+        from functools import partial
 
+        from lmforge import runtime
         from lmforge.serve.routes.classify import load_served
         from lmforge.serve.upstream import NoEngine
 
         try:
             engine = NoEngine(created=int(time.time()))
-            app_ = create_app(
-                settings, engine, None, db=db, classifier=load_served(classifier, device, dtype)
-            )
+            # loaded off the main thread, as the engine's model is below: one OpenMP team per process
+            served = runtime.run_in_thread(partial(load_served, classifier, device, dtype))
+            app_ = create_app(settings, engine, None, db=db, classifier=served)
             run(app_, settings, log_level=log_level)
         finally:
             if db is not None:

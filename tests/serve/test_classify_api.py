@@ -176,13 +176,15 @@ def test_classifier_batches_and_checks_its_inputs(served):
         clf.classify([[49152]])
 
 
-def test_lmforge_serve_with_a_classifier(folder, served, tokenizer, tmp_path):
-    """`lmforge serve LM --classifier NAME=PATH` over loopback: the classifier answers beside the LM."""
-    lm = ModelConfig(arch="llama", vocab_size=49152, n_layer=1, n_head=2, n_embd=16, max_seq_len=64)
-    model_dir = checkpoint.save(tmp_path / "lm", build_model(lm), tokenizer)
+@pytest.mark.parametrize("lm", [True, False], ids=["beside-an-lm", "gateway"])
+def test_lmforge_serve_with_a_classifier(lm, folder, served, tokenizer, tmp_path):
+    """`lmforge serve LM --classifier NAME=PATH` over loopback: the classifier answers beside the LM, or alone in
+    a gateway (`--no-model`)."""
+    config = ModelConfig(arch="llama", vocab_size=49152, n_layer=1, n_head=2, n_embd=16, max_seq_len=64)
+    model = [str(checkpoint.save(tmp_path / "lm", build_model(config), tokenizer))] if lm else ["--no-model"]
     port = free_port()
     env = {**os.environ, "LMFORGE_THREADS": "1", "LMFORGE_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port), "--no-auth",
+    cmd = [sys.executable, "-m", "lmforge", "serve", *model, "--port", str(port), "--no-auth",
            "--log-level", "warning", "--classifier", f"tickets={folder}"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -196,6 +198,8 @@ def test_lmforge_serve_with_a_classifier(folder, served, tokenizer, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+    if not lm:
+        return
     bad = subprocess.run(
         [*cmd[:-2], "--classifier", "tickets"], env=env, capture_output=True, text=True, timeout=120
     )

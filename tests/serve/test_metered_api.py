@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -28,6 +29,7 @@ import sqlalchemy as sa
 from lmforge.serve import auth, metering
 from lmforge.serve.app import create_app
 from lmforge.serve.db import api_keys, instances, rate_windows, tenant_months, utcnow
+from lmforge.serve.routes.openai import Meter
 from lmforge.serve.settings import Settings
 from tests.serve.conftest import recorded_statements
 from tests.serve.fake_engine import FakeEngine
@@ -507,6 +509,37 @@ def test_request_cancelled_by_shutdown_is_still_settled(database, engine, tokeni
         time.sleep(0.2)
     (row,) = ledger_rows(database)
     assert row.status == "cancelled" and row.completion_tokens > 0 and row.reserved_pusd == 0
+    assert_books_balance(database)
+
+
+def test_a_request_cancelled_while_the_ledger_admits_it_releases_its_hold_at_once(
+    database, engine, tokenizer
+):
+    """A task cancelled while its admit is on the ledger thread (uvicorn giving up on shutdown): the admit's
+    outcome is still awaited, and the admission is released (settled as cancelled, nothing billed) before the
+    cancellation goes on, so no hold waits for the stale-row reconciliation."""
+    priced(database)
+    key, _ = new_key(database)
+    state = create_app(Settings(model_name=MODEL), engine, tokenizer, db=database).state.lmforge
+    request = SimpleNamespace(state=SimpleNamespace(), headers={})  # what Meter reads of the request
+    meter = Meter(request, state, key, MODEL, request_id="cmpl-1", prompt_tokens=5, max_completion_tokens=9,
+                  billed=lambda: (5, 0))  # fmt: skip
+
+    async def main() -> None:
+        busy = state.ledger.run(time.sleep, 0.3)  # the ledger thread is busy: the admit queues behind it
+        admitting = asyncio.ensure_future(meter.admit())
+        await asyncio.sleep(0.1)
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        await busy
+
+    asyncio.run(main())
+    state.ledger.close()
+    (row,) = ledger_rows(database)
+    assert (row.request_id, row.status, row.prompt_tokens, row.completion_tokens, row.cost_pusd) == (
+        "cmpl-1", "cancelled", 0, 0, 0)  # fmt: skip
+    assert meter.admission is None and engine.requests == []
     assert_books_balance(database)
 
 

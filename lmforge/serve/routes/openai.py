@@ -37,7 +37,6 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import TokenLogprob
 from lmforge.serve import metering, sse
 from lmforge.serve.auth import ApiKey, AuthError, api_error, check_model, require_admitted_key, require_key
-from lmforge.serve.db import Database
 from lmforge.serve.deps import ServerState, get_state
 from lmforge.serve.errors import APIError, error_for
 from lmforge.serve.generation import Choice, ChoiceDelta, merge, stream_choice
@@ -324,8 +323,11 @@ async def _uncancelled(future: asyncio.Future[T], undo: Callable[[T], Awaitable[
     return result
 
 
-def _settle_unused(db: Database, admission: metering.Admission) -> None:
-    metering.settle(db, admission, prompt_tokens=0, completion_tokens=0, status="cancelled")
+def _release(ledger: Ledger, admission: metering.Admission) -> asyncio.Future[None]:
+    """Settle an admission that will never run (cancelled, nothing billed) with the ledger's next group commit."""
+    return ledger.settle(
+        metering.settlement(admission, prompt_tokens=0, completion_tokens=0, status="cancelled")
+    )
 
 
 @dataclass
@@ -360,7 +362,7 @@ class Meter:
         )
         # admitted, but cancelled meanwhile: nothing will run, so the hold goes back at once
         try:
-            self.admission = await _uncancelled(ledger.run(admit), partial(ledger.run, _settle_unused, db))
+            self.admission = await _uncancelled(ledger.run(admit), partial(_release, ledger))
         except AuthError as e:  # the key was revoked after the process cached it (auth.KeyCache)
             self.state.keys.discard(self.request.headers.get("authorization"))
             raise api_error(e) from None
