@@ -20,7 +20,7 @@ OpenAI-compatible server instead (no server is started). --record appends the ta
 --metered measures what auth + metering + rate limiting cost: three servers run side by side (`--no-auth`;
 metered on a fresh SQLite file; metered on a fresh PostgreSQL database, skipped if none can be reached), each
 with a key that has RPM/TPM limits, a price and a budget, so every request takes the whole metered path
-(key lookup, admit, settle). Each round sends --requests non-streamed chat requests with a 1-token completion
+(admit, settle; the key is looked up once and then cached). Each round sends --requests non-streamed chat requests with a 1-token completion
 from --clients concurrent clients to each server in turn (rotating the order); the table gives each server's
 median requests/s over the rounds, its ratio to the unmetered server's median, and the median of its per-round
 ratios to the unmetered server's rate in the same round (drift between rounds cancels out of those), and the CPU
@@ -298,14 +298,16 @@ class Server:
         """CPU time (user + system) of the server process so far outside its engine: the request path's. The
         engine's thread and its OpenMP team (named lmforge-engine) are left out: their threads spin between
         steps, so what they use says nothing about a request's cost. Linux /proc; nan elsewhere."""
-        tasks = Path(f"/proc/{self.proc.pid}/task")
+        engine = 0.0
         try:
-            engine = sum(
-                _stat_cpu(t) for t in tasks.iterdir() if (t / "comm").read_text().strip() == "lmforge-engine"
-            )
-            return (
-                _stat_cpu(Path(f"/proc/{self.proc.pid}")) - engine
-            )  # the process's total keeps exited threads'
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                try:
+                    if (task / "comm").read_text().strip() == "lmforge-engine":
+                        engine += _stat_cpu(task)
+                except OSError:  # a thread that exited meanwhile (an idle pool thread): not the engine's
+                    pass
+            # the process's total, which keeps the CPU of threads that have exited
+            return _stat_cpu(Path(f"/proc/{self.proc.pid}")) - engine
         except OSError:
             return float("nan")
 
@@ -579,7 +581,7 @@ def metered_main(args: argparse.Namespace) -> None:
             f"{args.requests} requests per server per round, {args.rounds} rounds after an unrecorded warm-up round "
             "(order rotated each round); "
             f"the three servers run side by side with --threads {os.cpu_count()}, the asyncio client on the same "
-            "machine. Metered = API key lookup + admit (rate window, budget hold, ledger row) + settle, per request.",
+            "machine. Metered = admit (key still live, rate window, budget hold, ledger row) + settle, per request; the key is read once, then cached.",
             "",
             *table,
             "",

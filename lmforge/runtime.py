@@ -71,7 +71,10 @@ def name_os_thread(name: str) -> None:
     """Give the calling thread `name` (15 bytes at most) in the OS, where `top -H`, `ps -L` and /proc show it;
     the threads it starts inherit it, so the serving engine's OpenMP team shows as the engine. Linux only."""
     if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        try:
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):  # a libc without prctl: the name is only a convenience
+            pass
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -7,7 +7,9 @@ so years, prices, decimals and version strings survive. Known trade-offs:
   is replaced;
 - a bare 10-digit number whose first and fourth digits are 2-9 reads as a North-American phone number;
 - an 18-digit number that fails the resident-ID check but passes Luhn is a plausible card number (cards
-  are 13-19 digits) and is replaced as `<CREDIT_CARD>`.
+  are 13-19 digits) and is replaced as `<CREDIT_CARD>`;
+- 13 digits that read as a Chinese mobile number after its `86` country code (`8613912345678`) are a
+  `<PHONE>` even when Luhn-valid: 13-digit card numbers are old Visa numbers, which start with 4.
 
 Passes run in a fixed order (e-mail, IPv4, phone, ID, card); each placeholder holds no digits, so a later
 pass never matches inside an earlier one's output. Digit runs are matched whole (no digit on either side).

@@ -1,5 +1,5 @@
-"""The ledger thread: the request path's database work (authenticate, admit, settle) on one thread per server,
-with settles group-committed.
+"""The ledger thread: the request path's database work (reading a key the process has not cached, admit,
+settle) on one thread per server, with settles group-committed.
 
 One thread, not a pool: the ledger writes serialise anyway (SQLite's write lock, PostgreSQL's locks on the
 tenant's month and the key's window), and fewer threads trading the GIL with the engine's thread leave it more

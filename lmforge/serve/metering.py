@@ -3,7 +3,7 @@
 The request path is two write transactions around generation (on PostgreSQL one statement each; all of it on
 raw DB-API cursors, `Database.raw()`):
 
-    admit()   the key is not revoked (auth.KeyCache: a cached key)     -> auth.AuthError 403
+    admit()   the key is not revoked or expired (auth.KeyCache)        -> auth.AuthError 403
               rate window +1 request, +(prompt + max_tokens) tokens     -> RateLimited if over RPM/TPM
               tenant's month: reserved += the request's maximum cost   -> QuotaExceeded if over the budget
               a 'pending' ledger row
@@ -45,7 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from lmforge.errors import UserError
-from lmforge.serve.auth import ApiKey, get_tenant, revoked
+from lmforge.serve.auth import ApiKey, check_live, get_key, get_tenant, revoked
 from lmforge.serve.db import (
     BigId,
     Database,
@@ -304,9 +304,10 @@ def _sqlite_statements() -> _Statements:
         sa.select(budgets.c.limit_pusd)
         .where(budgets.c.tenant_id == tenant_id, budgets.c.month == month)
         .scalar_subquery(),
-        sa.exists().where(  # the key is not revoked (auth.KeyCache)
+        sa.exists().where(  # the key is neither revoked nor expired (auth.KeyCache)
             api_keys.c.id == B("p_key_id", type_=sa.Integer),
             sa.or_(api_keys.c.revoked_at.is_(None), api_keys.c.revoked_at > now),
+            sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > now),
         ),
     )
 
@@ -395,6 +396,7 @@ _PG_ADMIT = (
 WITH live AS (
     SELECT EXISTS (
         SELECT 1 FROM api_keys WHERE id = :p_key_id AND (revoked_at IS NULL OR revoked_at > :p_now)
+                                     AND (expires_at IS NULL OR expires_at > :p_now)
     ) AS ok
 ), w AS (
     INSERT INTO rate_windows AS rw (key_id, window_start, requests, tokens)
@@ -517,7 +519,7 @@ def admit(
     now: datetime | None = None,
 ) -> Admission:
     """Admit a request in ONE transaction (rate window, budget hold, pending ledger row), or raise RateLimited /
-    QuotaExceeded having consumed nothing."""
+    QuotaExceeded / auth.AuthError (a key revoked or expired since it was cached) having consumed nothing."""
     if prompt_tokens < 0 or max_completion_tokens < 0:
         raise ValueError(f"negative token counts: {prompt_tokens}, {max_completion_tokens}")
     now = now or utcnow()
@@ -557,8 +559,9 @@ def admit(
     except sa.exc.IntegrityError:
         raise ValueError(f"request id {request_id!r} is already in the ledger") from None
     except _Refused as refused:  # rolled back: nothing was consumed; the error reads the state that refused
-        if refused.by == "key":
-            raise revoked(key) from None
+        if refused.by == "key":  # revoked or expired since the key was cached: its row says which
+            check_live(get_key(db, key.id), now)
+            raise revoked(key) from None  # (live again by now: the refusal stands)
         raise (
             _quota_exceeded(db, key, args) if refused.by == "budget" else _rate_limited(db, key, args)
         ) from None

@@ -5,7 +5,7 @@ llama.cpp's server, Ollama), forwarded by this server and metered exactly like t
 max_tokens, timeout_s); each gets one pooled `httpx.AsyncClient`, opened in the app's lifespan. A request for an
 upstream model goes:
 
-    authenticate (the router), the key's model allow-list          -> 401 / 403, the upstream never sees it
+    authenticate (the route), the key's model allow-list           -> 401 / 403, the upstream never sees it
     hold = a bound of the prompt's tokens + max_tokens x choices    (`prompt_bound`: the upstream's tokenizer is
                                                                       unknown, so no local tokenizer is used)
     admit: rate limits and the budget hold                          -> 429, the upstream never sees it

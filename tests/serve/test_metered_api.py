@@ -157,9 +157,13 @@ def test_a_key_revoked_after_the_server_cached_it_is_refused_with_nothing_consum
         ("/v1/completions", {"model": MODEL, "prompt": "x"}),
         ("/v1/chat/completions", {"model": MODEL, "messages": USER, "stream": True}),
     ):
-        r = httpx.post(url + path, json=body, headers=bearer(secret))
+        with recorded_statements(database) as statements:
+            r = httpx.post(url + path, json=body, headers=bearer(secret))
+        key_lookups = sum("api_keys.key_hash" in sql for _, sql in statements)  # authenticate's read
+        assert key_lookups == (0 if path == "/v1/completions" else 1), statements
         assert r.status_code == 403 and r.json()["error"]["code"] == "key_revoked", r.text
         assert r.json()["error"]["message"] == f"The API key {key.prefix}... has been revoked."
+        assert not any(h.startswith("x-ratelimit") for h in r.headers)  # as any refused key
     assert httpx.get(url + "/v1/models", headers=bearer(secret)).status_code == 403
     assert len(engine.requests) == 1 and [r.request_id for r in ledger_rows(database)] == [ok.json()["id"]]
     with database.read() as conn:  # the refused requests charged nothing to the window

@@ -116,7 +116,8 @@ def test_admit_and_settle_are_exact(database):
 
 def test_the_request_path_costs_one_statement_per_step_on_postgres(database):
     """The hot path's round trips (performance, not correctness): on PostgreSQL authenticate, admit and settle
-    are one autocommit statement each, 3 round trips; SQLite's in-process statements are not counted."""
+    are one autocommit statement each, 3 round trips for a key the server has not cached yet (2 once it has);
+    SQLite's in-process statements are not counted."""
     key = setup(database, rpm=100, tpm=10_000)
     metering.set_budget(database, "acme", "25", month="2026-11")
     _, secret = auth.create_key(database, "acme", rpm=100, tpm=10_000)
@@ -150,6 +151,19 @@ def test_admit_refuses_a_revoked_key_and_consumes_nothing(database):
     # a request admitted before the revocation still settles
     settle(database, first, prompt_tokens=10, completion_tokens=3, status="completed")
     assert_ledger_consistent(database)
+
+
+def test_admit_refuses_a_key_expired_since_it_was_read(database):
+    """Expiry is checked from the cached key on every request, and admit re-checks it from the row too (an
+    operator who shortens a key's life in the database is obeyed at once)."""
+    key = setup(database, rpm=100)
+    with database.write() as conn:
+        conn.execute(sa.update(api_keys).where(api_keys.c.id == key.id).values(expires_at=T0))
+    with pytest.raises(auth.AuthError) as e:
+        go(database, key, "r1", now=T0)  # `key` was read before: it has no expiry
+    assert (e.value.status, e.value.code) == (403, "key_expired") and T0.isoformat() in e.value.message
+    assert (month_row(database), ledger(database), ratelimit_tokens(database, key)) == (None, [], None)
+    go(database, key, "r2", now=T0 - timedelta(seconds=1))  # a second before, it was still live
 
 
 def test_settle_is_idempotent(database):

@@ -365,6 +365,7 @@ class Meter:
             self.admission = await _uncancelled(ledger.run(admit), partial(_release, ledger))
         except AuthError as e:  # the key was revoked after the process cached it (auth.KeyCache)
             self.state.keys.discard(self.request.headers.get("authorization"))
+            self.request.state.api_key = None  # refused as at authentication: no x-ratelimit-* headers
             raise api_error(e) from None
         self.request.state.ratelimit_headers = self.admission.headers
 
