@@ -586,8 +586,8 @@ def admit(
 
 
 class _Refused(Exception):
-    """Raised inside admit's transaction (or after its statement) to roll it back: `by` the key (revoked since
-    the request was authenticated: auth.KeyCache), the rate window or the budget."""
+    """Raised inside admit's transaction (or after its statement) to roll it back: `by` the key (revoked or
+    expired since the process cached it: auth.KeyCache), the rate window or the budget."""
 
     def __init__(self, by: str) -> None:
         self.by = by
