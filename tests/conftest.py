@@ -7,10 +7,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 os.environ.setdefault("LMFORGE_HOME", str(REPO / ".cache" / "lmforge"))
+
+# The property tests are about correctness, not speed: a 2-core machine that stalls for a moment (another
+# process, a GC pause) must not fail one on Hypothesis's 200 ms deadline. Seeds stay random, run to run.
+settings.register_profile("lmforge", deadline=None)
+settings.load_profile("lmforge")
 
 
 @pytest.fixture(scope="session")
