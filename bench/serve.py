@@ -20,8 +20,9 @@ OpenAI-compatible server instead (no server is started). --record appends the ta
 --metered measures what auth + metering + rate limiting cost: three servers run side by side (`--no-auth`;
 metered on a fresh SQLite file; metered on a fresh PostgreSQL database, skipped if none can be reached), each
 with a key that has RPM/TPM limits, a price and a budget, so every request takes the whole metered path
-(admit, settle; the key is looked up once and then cached). Each round sends --requests non-streamed chat requests with a 1-token completion
-from --clients concurrent clients to each server in turn (rotating the order); the table gives each server's
+(admit, settle; the key is looked up once and then cached). Each round sends --requests non-streamed chat
+requests with a 1-token completion from --clients concurrent clients to each server in turn (rotating the
+order); the table gives each server's
 median requests/s over the rounds, its ratio to the unmetered server's median, and the median of its per-round
 ratios to the unmetered server's rate in the same round (drift between rounds cancels out of those), and the CPU
 each request costs outside the engine: in the server process (all threads but the engine's, whose OpenMP team
@@ -581,7 +582,8 @@ def metered_main(args: argparse.Namespace) -> None:
             f"{args.requests} requests per server per round, {args.rounds} rounds after an unrecorded warm-up round "
             "(order rotated each round); "
             f"the three servers run side by side with --threads {os.cpu_count()}, the asyncio client on the same "
-            "machine. Metered = admit (key still live, rate window, budget hold, ledger row) + settle, per request; the key is read once, then cached.",
+            "machine. Metered = admit (key still live, rate window, budget hold, ledger row) + settle, per request; "
+            "the key is read once, then cached.",
             "",
             *table,
             "",

@@ -19,13 +19,16 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from starlette.requests import Request  # FastAPI's Request; at runtime: the dependencies' signatures need it
 
 from lmforge.errors import UserError
 from lmforge.serve.db import Database, api_keys, tenants, utcnow
+
+if TYPE_CHECKING:
+    from lmforge.serve.deps import ServerState
 
 KEY_PREFIX = "lmf-"
 PREFIX_CHARS = 12
@@ -385,10 +388,17 @@ async def _require_key(request: Request, *, cached: bool) -> ApiKey | None:
         else:
             check_live(key, utcnow())
     except AuthError as e:
-        state.keys.discard(header)
-        raise api_error(e) from None
+        raise refused(state, request, e) from None
     request.state.api_key = key
     return key
+
+
+def refused(state: ServerState, request: Request, exc: AuthError) -> Exception:
+    """The API error for a request whose key was refused (at authentication, or by admit for a key cached
+    before it was revoked): the key leaves the process's cache, and the response gets no x-ratelimit-* headers."""
+    state.keys.discard(request.headers.get("authorization"))
+    request.state.api_key = None
+    return api_error(exc)
 
 
 def require_admin(request: Request) -> None:

@@ -470,9 +470,9 @@ BUDGET_REFUSED = "22012"  # SQLSTATE division_by_zero: _PG_ADMIT's refusal of th
 _PG_SETTLE_MANY_ARRAYS = ("p_usage_id", "p_status", "p_prompt", "p_completion", "p_cost", "p_now", "p_error",
                           "p_key_id", "p_window_start", "p_unused", "p_month", "p_hold")  # fmt: skip
 
-# settle_many on PostgreSQL: ONE statement for a whole batch, or a single settle (one round trip, one commit, atomic
-# by itself), the settles as parallel arrays. Only rows still pending are closed, and only those give their tokens back and move their
-# holds to spent, summed per rate window and per tenant month.
+# settle_many on PostgreSQL: ONE statement for a whole batch or a single settle (one round trip, one commit,
+# atomic by itself), the settles as parallel arrays. Only rows still pending are closed, and only those give their
+# tokens back and move their holds to spent, summed per rate window and per tenant month.
 _PG_SETTLE_MANY = sa.text(
     f"""
 WITH batch AS (

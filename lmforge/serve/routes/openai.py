@@ -36,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import TokenLogprob
 from lmforge.serve import metering, sse
-from lmforge.serve.auth import ApiKey, AuthError, api_error, check_model, require_admitted_key, require_key
+from lmforge.serve.auth import ApiKey, AuthError, check_model, refused, require_admitted_key, require_key
 from lmforge.serve.deps import ServerState, get_state
 from lmforge.serve.errors import APIError, error_for
 from lmforge.serve.generation import Choice, ChoiceDelta, merge, stream_choice
@@ -364,9 +364,7 @@ class Meter:
         try:
             self.admission = await _uncancelled(ledger.run(admit), partial(_release, ledger))
         except AuthError as e:  # the key was revoked after the process cached it (auth.KeyCache)
-            self.state.keys.discard(self.request.headers.get("authorization"))
-            self.request.state.api_key = None  # refused as at authentication: no x-ratelimit-* headers
-            raise api_error(e) from None
+            raise refused(self.state, self.request, e) from None
         self.request.state.ratelimit_headers = self.admission.headers
 
     async def settle(self, status: str, error: str | None = None) -> None:
