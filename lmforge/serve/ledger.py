@@ -1,5 +1,5 @@
 """The ledger thread: the request path's database work (reading a key the process has not cached, admit,
-settle) on one thread per server, with settles group-committed.
+settle) on one thread per server, with admits and settles each done in batches.
 
 One thread, not a pool: the ledger writes serialise anyway (SQLite's write lock, PostgreSQL's locks on the
 tenant's month and the key's window), and fewer threads trading the GIL with the engine's thread leave it more
@@ -10,6 +10,10 @@ Group commit: a settle waits in a queue until the thread's next turn, which sett
 one transaction (`metering.settle_many`). The requests an engine step finishes end in the same event-loop turn,
 so they share one commit instead of taking one each. Every caller still waits for its own batch's commit: a
 response goes out only once its ledger row is final, as with a transaction per settle.
+
+Admits are batched the same way (`metering.admit_many`): the requests that arrive together (the clients an
+engine step answered come back together) are admitted with one statement on PostgreSQL, each exactly as its own
+admit would have been. A thread turn settles first, then admits: what the settles release is there for them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from lmforge.serve.db import Database
 
 T = TypeVar("T")
 
-MAX_BATCH = 64  # settles per transaction: keeps each transaction (and the locks it holds) short
+MAX_BATCH = 64  # settles (admits) per transaction: keeps each transaction (and the locks it holds) short
 
 
 class Ledger:
@@ -37,7 +41,8 @@ class Ledger:
         self._executor: ThreadPoolExecutor | None = None
         # the queue is filled on the event loop and emptied on the ledger thread
         self._lock = threading.Lock()
-        self._queue: list[tuple[dict[str, Any], Future[None]]] = []
+        self._settles: list[tuple[dict[str, Any], Future[None]]] = []
+        self._admits: list[tuple[dict[str, Any], Future[metering.Admission]]] = []
         self._flush_queued = False
 
     def _thread(self) -> ThreadPoolExecutor:
@@ -54,9 +59,17 @@ class Ledger:
     def settle(self, settlement: dict[str, Any]) -> asyncio.Future[None]:
         """Settle a request (`metering.settlement()`) with the next group commit; the future is done once it is
         committed, or holds the error that stopped it."""
-        future: Future[None] = Future()
+        return self._enqueue(self._settles, settlement)
+
+    def admit(self, request: dict[str, Any]) -> asyncio.Future[metering.Admission]:
+        """Admit a request (`metering.admit`'s keyword arguments but `db`) with the next batch of admits
+        (`metering.admit_many`); the future holds its Admission or the refusal admit would raise."""
+        return self._enqueue(self._admits, request)
+
+    def _enqueue(self, queue: list[tuple[Any, Future[Any]]], item: Any) -> asyncio.Future[Any]:
+        future: Future[Any] = Future()
         with self._lock:
-            self._queue.append((settlement, future))
+            queue.append((item, future))
             flush = not self._flush_queued
             self._flush_queued = True
         if flush:  # submitted after this loop turn, so the other requests ending in it join the same batch
@@ -68,10 +81,23 @@ class Ledger:
 
     def _flush(self) -> None:
         with self._lock:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            self._flush_queued = bool(self._queue)
+            settles, self._settles = self._settles[:MAX_BATCH], self._settles[MAX_BATCH:]
+            admits, self._admits = self._admits[:MAX_BATCH], self._admits[MAX_BATCH:]
+            self._flush_queued = bool(self._settles or self._admits)
         if self._flush_queued:
             self._submit_flush()
+        if settles:  # first: what they release may be what the admits need
+            self._settle(settles)
+        # a caller that stopped waiting before its admit ran is not admitted (no hold left behind)
+        admits = [(request, future) for request, future in admits if future.set_running_or_notify_cancel()]
+        if admits:
+            try:
+                outcomes = metering.admit_many(self.db, [request for request, _ in admits])
+            except Exception as e:  # noqa: BLE001 - not one request's refusal: every caller gets it
+                outcomes = [e] * len(admits)
+            _resolve([future for _, future in admits], outcomes)
+
+    def _settle(self, batch: list[tuple[dict[str, Any], Future[None]]]) -> None:
         try:
             metering.settle_many(self.db, [s for s, _ in batch])
             errors: list[BaseException | None] = [None] * len(batch)
@@ -80,20 +106,25 @@ class Ledger:
                 errors = [e]
             else:  # one at a time, so a settle that cannot be made does not fail the others
                 errors = [_attempt(self.db, s) for s, _ in batch]
-        for (_, future), error in zip(batch, errors, strict=True):
-            # a caller that stopped waiting (cancelled) has its request settled all the same
-            if not future.set_running_or_notify_cancel():
-                continue
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+        _resolve([future for _, future in batch], errors)
 
     def close(self) -> None:
         """Finish the queued work (every request has settled by now: uvicorn drained them) and stop the thread."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def _resolve(futures: list[Future[Any]], outcomes: list[Any]) -> None:
+    """Each future its outcome: an exception is raised to its caller, anything else is its result (None for a
+    settle). A caller that stopped waiting (cancelled) is skipped: what it asked for was done all the same."""
+    for future, outcome in zip(futures, outcomes, strict=True):
+        if not future.running() and not future.set_running_or_notify_cancel():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _attempt(db: Database, settlement: dict[str, Any]) -> BaseException | None:

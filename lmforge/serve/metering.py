@@ -7,6 +7,7 @@ raw DB-API cursors, `Database.raw()`):
               rate window +1 request, +(prompt + max_tokens) tokens     -> RateLimited if over RPM/TPM
               tenant's month: reserved += the request's maximum cost   -> QuotaExceeded if over the budget
               a 'pending' ledger row
+              (admit_many: the requests that arrive together, as one statement on PostgreSQL when all fit)
     settle()  ledger row -> completed | cancelled | failed, with the tokens the client was told
               month: the hold moves to spent (the actual cost); the TPM window gets the unused tokens back
               (settle_many: several requests' settles in one transaction, the server's group commit)
@@ -390,6 +391,20 @@ def _sqlite_statements() -> _Statements:
 # rate window charged in the same statement must not stay charged, so the statement then fails on purpose (a
 # division by zero, BUDGET_REFUSED) and PostgreSQL rolls all of it back -- plain SQL has no RAISE, and a
 # transaction around the statement would cost two more round trips on every request to serve a rare refusal.
+def _admitted_columns() -> list[sa.ColumnClause]:
+    """What _PG_ADMIT and _PG_ADMIT_MANY return first per admitted request, in this order (a text statement's
+    columns are matched by position): its ledger row, the key's rate window after it, its hold and its prices."""
+    return [
+        sa.column("usage_id", BigId),
+        sa.column("window_start", UTCDateTime),
+        sa.column("requests", sa.Integer),
+        sa.column("tokens", sa.BigInteger),
+        sa.column("hold", sa.BigInteger),
+        sa.column("p_in", sa.BigInteger),
+        sa.column("p_out", sa.BigInteger),
+    ]
+
+
 _PG_ADMIT = (
     sa.text(
         """
@@ -437,8 +452,8 @@ WITH live AS (
     WHERE go.ok AND (hold = 0 OR EXISTS (SELECT 1 FROM reserved))
     RETURNING id
 )
-SELECT (SELECT id FROM admitted) AS usage_id, go.key_ok, go.ok AS window_ok, w.window_start, w.requests, w.tokens,
-       held.hold, held.p_in, held.p_out,
+SELECT (SELECT id FROM admitted) AS usage_id, w.window_start, w.requests, w.tokens, held.hold, held.p_in, held.p_out,
+       go.key_ok, go.ok AS window_ok,
        1 / CASE WHEN go.ok AND NOT EXISTS (SELECT 1 FROM admitted) THEN 0 ELSE 1 END AS budget_ok
 FROM held CROSS JOIN go LEFT JOIN w ON true
 """
@@ -453,19 +468,98 @@ FROM held CROSS JOIN go LEFT JOIN w ON true
         sa.bindparam("p_max", type_=sa.BigInteger),
     )
     .columns(
-        sa.column("usage_id", BigId),
+        *_admitted_columns(),
         sa.column("key_ok", sa.Boolean),
         sa.column("window_ok", sa.Boolean),
-        sa.column("window_start", UTCDateTime),
-        sa.column("requests", sa.Integer),
-        sa.column("tokens", sa.BigInteger),
-        sa.column("hold", sa.BigInteger),
-        sa.column("p_in", sa.BigInteger),
-        sa.column("p_out", sa.BigInteger),
         sa.column("budget_ok", sa.Integer),
     )
 )
 BUDGET_REFUSED = "22012"  # SQLSTATE division_by_zero: _PG_ADMIT's refusal of the hold
+
+# admit_many on PostgreSQL: a batch of admits as ONE statement (one round trip, one commit), the requests as
+# parallel arrays in order, all at one time. It only ever admits the whole batch: each rate window is charged
+# with its requests' count and tokens summed, each tenant month with its requests' holds summed, which is what
+# the same admits one after the other would leave, and as they would, every one of them passes when the totals
+# fit (the charges only grow). If anything would be refused -- a key no longer live, a window or a budget over
+# its limit -- the statement changes nothing: it writes nothing for a dead key, and otherwise fails on purpose
+# (BUDGET_REFUSED), rolling back what it charged. Windows are taken in key order and months in tenant order.
+# Per request it returns its ledger row and the window as its lone admit would have left it (the requests of
+# its key before it in the batch counted): its x-ratelimit-* headers.
+_PG_ADMIT_MANY = (
+    sa.text(
+        """
+WITH b AS (
+    SELECT * FROM unnest(
+        CAST(:p_request_id AS text[]), CAST(:p_key_id AS bigint[]), CAST(:p_tenant_id AS bigint[]),
+        CAST(:p_model AS text[]), CAST(:p_prompt AS bigint[]), CAST(:p_max AS bigint[]),
+        CAST(:p_limited AS boolean[]), CAST(:p_rpm AS bigint[]), CAST(:p_tpm AS bigint[]),
+        CAST(:p_instance AS text[])
+    ) WITH ORDINALITY AS b(request_id, key_id, tenant_id, model, prompt, max, limited, rpm, tpm, instance, ord)
+), priced AS (
+    SELECT b.*, b.prompt + b.max AS tokens, coalesce(p.input_uusd_per_mtok, 0) AS p_in,
+           coalesce(p.output_uusd_per_mtok, 0) AS p_out,
+           b.prompt * coalesce(p.input_uusd_per_mtok, 0) + b.max * coalesce(p.output_uusd_per_mtok, 0) AS hold
+    FROM b LEFT JOIN LATERAL (
+        SELECT input_uusd_per_mtok, output_uusd_per_mtok FROM prices
+        WHERE model = b.model AND effective_from <= :p_now ORDER BY effective_from DESC LIMIT 1
+    ) AS p ON true
+), live AS (
+    SELECT count(*) = (SELECT count(DISTINCT key_id) FROM b) AS ok FROM api_keys
+    WHERE id IN (SELECT key_id FROM b) AND (revoked_at IS NULL OR revoked_at > :p_now)
+                                       AND (expires_at IS NULL OR expires_at > :p_now)
+), k AS (
+    SELECT key_id, count(*) AS n, sum(tokens) AS tokens, min(rpm) AS rpm, min(tpm) AS tpm
+    FROM priced WHERE limited GROUP BY key_id
+), w AS (
+    INSERT INTO rate_windows AS rw (key_id, window_start, requests, tokens)
+    SELECT key_id, :p_now, n, tokens FROM k, live WHERE live.ok AND n <= rpm AND tokens <= tpm ORDER BY key_id
+    ON CONFLICT (key_id) DO UPDATE SET
+        window_start = CASE WHEN rw.window_start <= :p_cutoff THEN excluded.window_start ELSE rw.window_start END,
+        requests = CASE WHEN rw.window_start <= :p_cutoff THEN excluded.requests
+                        ELSE rw.requests + excluded.requests END,
+        tokens = CASE WHEN rw.window_start <= :p_cutoff THEN excluded.tokens ELSE rw.tokens + excluded.tokens END
+    WHERE rw.window_start <= :p_cutoff
+       OR (rw.requests + excluded.requests <= (SELECT rpm FROM k WHERE k.key_id = rw.key_id)
+           AND rw.tokens + excluded.tokens <= (SELECT tpm FROM k WHERE k.key_id = rw.key_id))
+    RETURNING rw.key_id, rw.window_start, rw.requests, rw.tokens
+), t AS (
+    SELECT priced.tenant_id, sum(hold) AS hold, min(bu.limit_pusd) AS p_limit FROM priced
+    LEFT JOIN budgets AS bu ON bu.tenant_id = priced.tenant_id AND bu.month = :p_month
+    GROUP BY priced.tenant_id
+), reserved AS (
+    INSERT INTO tenant_months AS tm (tenant_id, month, spent_pusd, reserved_pusd)
+    SELECT tenant_id, :p_month, 0, hold FROM t, live
+    WHERE live.ok AND hold > 0 AND (p_limit IS NULL OR hold <= p_limit) ORDER BY tenant_id
+    ON CONFLICT (tenant_id, month) DO UPDATE SET reserved_pusd = tm.reserved_pusd + excluded.reserved_pusd
+    WHERE (SELECT p_limit FROM t WHERE t.tenant_id = tm.tenant_id) IS NULL
+       OR tm.spent_pusd + tm.reserved_pusd + excluded.reserved_pusd
+          <= (SELECT p_limit FROM t WHERE t.tenant_id = tm.tenant_id)
+    RETURNING tm.tenant_id
+), admitted AS (
+    INSERT INTO usage (request_id, tenant_id, key_id, model, status, prompt_tokens, completion_tokens, cost_pusd,
+                       reserved_pusd, input_uusd_per_mtok, output_uusd_per_mtok, started_at, instance_id)
+    SELECT request_id, tenant_id, key_id, model, 'pending', prompt, 0, 0, hold, p_in, p_out, :p_now, instance
+    FROM priced, live WHERE live.ok ORDER BY ord
+    RETURNING id, request_id
+), verdict AS (
+    SELECT (SELECT count(*) FROM w) = (SELECT count(*) FROM k)
+       AND (SELECT count(*) FROM reserved) = (SELECT count(*) FROM t WHERE hold > 0) AS ok
+)
+SELECT admitted.id AS usage_id, w.window_start,
+       w.requests - k.n + row_number() OVER (PARTITION BY priced.key_id ORDER BY priced.ord) AS requests,
+       w.tokens - k.tokens + sum(priced.tokens) OVER (PARTITION BY priced.key_id ORDER BY priced.ord) AS tokens,
+       priced.hold, priced.p_in, priced.p_out, 1 / CASE WHEN verdict.ok THEN 1 ELSE 0 END AS admitted
+FROM priced JOIN admitted ON admitted.request_id = priced.request_id CROSS JOIN verdict
+LEFT JOIN k ON k.key_id = priced.key_id LEFT JOIN w ON w.key_id = priced.key_id
+ORDER BY priced.ord
+"""
+    )
+    .bindparams(
+        sa.bindparam("p_now", type_=UTCDateTime),
+        sa.bindparam("p_cutoff", type_=UTCDateTime),
+    )
+    .columns(*_admitted_columns(), sa.column("admitted", sa.Integer))
+)
 
 _PG_SETTLE_MANY_ARRAYS = ("p_usage_id", "p_status", "p_prompt", "p_completion", "p_cost", "p_now", "p_error",
                           "p_key_id", "p_window_start", "p_unused", "p_month", "p_hold")  # fmt: skip
@@ -520,10 +614,52 @@ def admit(
 ) -> Admission:
     """Admit a request in ONE transaction (rate window, budget hold, pending ledger row), or raise RateLimited /
     QuotaExceeded / auth.AuthError (a key revoked or expired since it was cached) having consumed nothing."""
+    request = {"key": key, "model": model, "request_id": request_id, "prompt_tokens": prompt_tokens,
+               "max_completion_tokens": max_completion_tokens, "instance_id": instance_id}  # fmt: skip
+    return _admit_one(db, key, model, _admit_args(db, request, now or utcnow()))
+
+
+def admit_many(db: Database, requests: list[dict[str, Any]], now: datetime | None = None) -> list[Any]:
+    """Admit several requests (each `admit`'s keyword arguments but `db`), as `admit` would one after the other
+    in the order given, all at one time `now`: per request its Admission or the exception `admit` would raise.
+
+    On PostgreSQL the batch runs as ONE statement (_PG_ADMIT_MANY) when every request in it is admitted -- one
+    round trip and one commit instead of one each; when any would be refused, that statement fails and changes
+    nothing, and the requests are admitted one by one, so each refusal is exactly the one a lone admit gives."""
+    now = now or utcnow()
+    results: list[Any] = [None] * len(requests)
+    batch = []
+    for i, r in enumerate(requests):
+        try:
+            args = _admit_args(db, r, now)
+        except Exception as e:  # noqa: BLE001 - the request's own outcome, as admit would raise it
+            results[i] = e
+        else:
+            batch.append((i, r, args))
+    if db.dialect == "postgresql" and len(batch) > 1:
+        admitted = _admit_postgres_many(db, [(r["key"], r["model"], args) for _, r, args in batch], now)
+        if admitted is not None:
+            for (i, _, _), admission in zip(batch, admitted, strict=True):
+                results[i] = admission
+            return results
+    for i, r, args in batch:
+        try:
+            results[i] = _admit_one(db, r["key"], r["model"], args)
+        except Exception as e:  # noqa: BLE001
+            results[i] = e
+    return results
+
+
+def _admit_args(db: Database, request: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """admit's statement parameters for `request` (admit's keyword arguments), or the refusal that needs no
+    transaction (a request over the key's TPM)."""
+    key, prompt_tokens, max_completion_tokens = (
+        request["key"],
+        request["prompt_tokens"],
+        request["max_completion_tokens"],
+    )
     if prompt_tokens < 0 or max_completion_tokens < 0:
         raise ValueError(f"negative token counts: {prompt_tokens}, {max_completion_tokens}")
-    now = now or utcnow()
-    month = month_of(now)
     tokens = prompt_tokens + max_completion_tokens
     if key.tpm is not None and tokens > key.tpm:
         headers = ratelimit_headers(db, key, now) | {"x-should-retry": "false"}
@@ -533,11 +669,11 @@ def admit(
             headers,
             type="tokens",
         )
-    args = {
+    return {
         "p_key_id": key.id,
         "p_tenant_id": key.tenant_id,
-        "p_model": model,
-        "p_month": month,
+        "p_model": request["model"],
+        "p_month": month_of(now),
         "p_now": now,
         "p_cutoff": now - WINDOW,
         "p_tokens": tokens,
@@ -545,10 +681,14 @@ def admit(
         "p_tpm": NO_TPM if key.tpm is None else key.tpm,
         "p_prompt": prompt_tokens,
         "p_max": max_completion_tokens,
-        "p_request_id": request_id,
-        "p_instance": instance_id,
+        "p_request_id": request["request_id"],
+        "p_instance": request["instance_id"],
+        "p_limited": key.rpm is not None or key.tpm is not None,
     }
-    limited = key.rpm is not None or key.tpm is not None
+
+
+def _admit_one(db: Database, key: ApiKey, model: str, args: dict[str, Any]) -> Admission:
+    limited = args["p_limited"]
     try:
         if db.dialect == "postgresql":
             with db.raw(transaction=False) as cur:  # one statement (see _PG_ADMIT)
@@ -557,32 +697,80 @@ def admit(
             with db.raw(transaction=True) as cur:
                 usage_id, window, in_price, out_price, hold = _admit_statements(db, cur, limited, args)
     except sa.exc.IntegrityError:
-        raise ValueError(f"request id {request_id!r} is already in the ledger") from None
+        raise ValueError(f"request id {args['p_request_id']!r} is already in the ledger") from None
     except _Refused as refused:  # rolled back: nothing was consumed; the error reads the state that refused
         if refused.by == "key":  # revoked or expired since the key was cached: its row says which
-            check_live(get_key(db, key.id), now)
+            check_live(get_key(db, key.id), args["p_now"])
             raise revoked(key) from None  # (live again by now: the refusal stands)
         raise (
             _quota_exceeded(db, key, args) if refused.by == "budget" else _rate_limited(db, key, args)
         ) from None
     if window is None:
-        headers = {}
-    else:
-        headers = _headers(key, window.window_start, window.requests, window.tokens, now)
+        return _admission(key, model, args, usage_id, None, 0, 0, in_price, out_price, hold)
+    return _admission(
+        key,
+        model,
+        args,
+        usage_id,
+        window.window_start,
+        window.requests,
+        window.tokens,
+        in_price,
+        out_price,
+        hold,
+    )
+
+
+def _admission(
+    key: ApiKey,
+    model: str,
+    args: dict[str, Any],
+    usage_id: int,
+    window_start: datetime | None,
+    requests: int,
+    tokens: int,
+    in_price: int,
+    out_price: int,
+    hold: int,
+) -> Admission:
+    now = args["p_now"]
     return Admission(
         usage_id=usage_id,
-        request_id=request_id,
+        request_id=args["p_request_id"],
         key=key,
         model=model,
         reserved_pusd=hold,
-        reserved_tokens=tokens,
-        headers=headers,
-        month=month,
+        reserved_tokens=args["p_tokens"],
+        headers={} if window_start is None else _headers(key, window_start, requests, tokens, now),
+        month=args["p_month"],
         started_at=now,
         input_uusd_per_mtok=in_price,
         output_uusd_per_mtok=out_price,
-        window_start=None if window is None else window.window_start,
+        window_start=window_start,
     )
+
+
+def _admit_postgres_many(db: Database, batch: list[tuple[ApiKey, str, dict]], now: datetime) -> list | None:
+    """The batch's Admissions from one _PG_ADMIT_MANY statement, or None if any request would be refused (or
+    the statement failed otherwise): then nothing changed."""
+    names = ("p_request_id", "p_key_id", "p_tenant_id", "p_model", "p_prompt", "p_max", "p_limited", "p_rpm",
+             "p_tpm", "p_instance")  # fmt: skip
+    arrays = {name: [args[name] for _, _, args in batch] for name in names}
+    first = batch[0][2]
+    try:
+        with db.raw(transaction=False) as cur:
+            rows = db.prepared(_PG_ADMIT_MANY).all(
+                cur, arrays | {"p_now": now, "p_cutoff": first["p_cutoff"], "p_month": first["p_month"]}
+            )
+    except sa.exc.DBAPIError:  # a refusal (BUDGET_REFUSED), a request id used before, a deadlock, ...
+        return None
+    if len(rows) != len(batch):  # a key revoked or expired since it was cached: nothing was written
+        return None
+    return [
+        _admission(key, model, args, row.usage_id, row.window_start, row.requests, row.tokens, row.p_in, row.p_out,
+                   row.hold)
+        for (key, model, args), row in zip(batch, rows, strict=True)
+    ]  # fmt: skip
 
 
 class _Refused(Exception):
@@ -621,7 +809,7 @@ def _admit_statements(db: Database, cur: Any, limited: bool, args: dict) -> tupl
 def _admit_postgres(db: Database, cur: Any, limited: bool, args: dict) -> tuple:
     """admit as one autocommit statement (PostgreSQL; see _PG_ADMIT)."""
     try:
-        row = db.prepared(_PG_ADMIT).first(cur, args | {"p_limited": limited})
+        row = db.prepared(_PG_ADMIT).first(cur, args)
     except db.dbapi_error as e:
         if getattr(e, "sqlstate", None) == BUDGET_REFUSED:
             raise _Refused("budget") from None

@@ -10,10 +10,21 @@ from datetime import timedelta
 import pytest
 
 from lmforge.serve import auth, metering
+from lmforge.serve.db import utcnow
 from lmforge.serve.ledger import Ledger
 from lmforge.serve.metering import settle_many, settlement
 from tests.serve.conftest import assert_ledger_consistent, recorded_statements
-from tests.serve.test_metering import IN, OUT, T0, go, ledger, month_row, ratelimit_tokens, setup
+from tests.serve.test_metering import (
+    IN,
+    OUT,
+    T0,
+    batch_request,
+    go,
+    ledger,
+    month_row,
+    ratelimit_tokens,
+    setup,
+)
 
 
 def test_settle_many_is_exact_and_skips_settled_rows(database):
@@ -89,6 +100,43 @@ def test_the_ledger_settles_one_loop_turn_in_one_transaction(database, monkeypat
     spent = sum(10 * IN + i * OUT for i in range(15)) + 5 * (10 * IN + 1 * OUT)
     assert month_row(database) == (spent, 0)
     assert ratelimit_tokens(database, key) == sum(10 + i for i in range(15)) + 5 * 11
+    assert_ledger_consistent(database)
+
+
+def test_the_ledger_admits_one_loop_turn_in_one_batch_after_its_settles(database, monkeypatch):
+    """The admits of one event-loop turn go to one `admit_many` (one statement on PostgreSQL), after the settles
+    queued with them: a hold a settle releases is there for the admits of the same turn. A caller cancelled
+    before its admit ran is not admitted; a refusal goes to its own caller only."""
+    key = setup(database, rpm=100)
+    now = utcnow()  # the ledger admits at the time it runs
+    month = metering.month_of(now)
+    metering.set_budget(database, "acme", "0.00003", month=month)  # 30_000_000 pUSD
+    hold = 10 * IN + 20 * OUT  # 13_500_000 pUSD: two holds fit, a third does not
+    first = [go(database, key, "r0", now=now), go(database, key, "r1", now=now)]
+    calls: list[tuple[str, int]] = []
+    for name in ("admit_many", "settle_many"):
+        real = getattr(metering, name)
+        monkeypatch.setattr(metering, name, lambda db, xs, *a, _real=real, _name=name, **k: (
+            calls.append((_name, len(xs))), _real(db, xs, *a, **k))[1])  # fmt: skip
+
+    async def main() -> list[object]:
+        ledger_thread = Ledger(database)
+        try:
+            released = ledger_thread.settle(settlement(first[0], prompt_tokens=10, completion_tokens=0,
+                                                       status="completed"))  # fmt: skip
+            admits = [ledger_thread.admit(batch_request(key, f"a{i}")) for i in range(3)]
+            admits[1].cancel()  # its caller left before the ledger thread's turn
+            return await asyncio.gather(released, *admits, return_exceptions=True)
+        finally:
+            ledger_thread.close()
+
+    released, a0, a1, a2 = asyncio.run(main())
+    assert calls == [("settle_many", 1), ("admit_many", 2)]
+    assert released is None and isinstance(a1, asyncio.CancelledError)
+    assert isinstance(a0, metering.Admission) and a0.headers["x-ratelimit-remaining-requests"] == "97"
+    assert isinstance(a2, metering.QuotaExceeded)  # r1 + a0 hold 27_000_000; a2 would make 40_500_000
+    assert [r.request_id for r in ledger(database)] == ["r0", "r1", "a0"]
+    assert month_row(database, month=month) == (10 * IN, 2 * hold)
     assert_ledger_consistent(database)
 
 

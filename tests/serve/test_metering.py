@@ -3,6 +3,7 @@ idempotent settling, reconciling dead processes, and the totals table against th
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -16,7 +17,7 @@ from lmforge.errors import UserError
 from lmforge.serve import auth, metering
 from lmforge.serve.db import api_keys, instances, rate_windows, tenant_months, usage
 from lmforge.serve.metering import QuotaExceeded, RateLimited, admit, settle
-from tests.serve.conftest import assert_ledger_consistent, recorded_statements
+from tests.serve.conftest import assert_ledger_consistent, open_test_database, recorded_statements
 
 T0 = datetime(2026, 11, 10, 12, 0, 0, tzinfo=UTC)
 IN, OUT = 150_000, 600_000  # $0.15 / $0.60 per million tokens, in micro-USD per million tokens
@@ -129,6 +130,144 @@ def test_the_request_path_costs_one_statement_per_step_on_postgres(database):
         assert len(statements) == 3, statements
     assert month_row(database) == (10 * IN + 7 * OUT, 0)
     assert_ledger_consistent(database)
+
+
+def test_a_batch_of_admits_is_one_statement_on_postgres(database):
+    """admit_many (the server's batches of admits): requests that all fit are admitted by one statement on
+    PostgreSQL, each with the x-ratelimit-* headers its own admit would have given."""
+    key = setup(database, rpm=100, tpm=10_000)
+    metering.set_budget(database, "acme", "25", month="2026-11")
+    batch = [batch_request(key, f"r{i}", prompt=10, max_tokens=20) for i in range(5)]
+    with recorded_statements(database) as statements:
+        admitted = metering.admit_many(database, batch, now=T0)
+    if database.dialect == "postgresql":
+        assert len(statements) == 1, statements
+    assert [a.request_id for a in admitted] == [f"r{i}" for i in range(5)]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in admitted] == ["99", "98", "97", "96", "95"]
+    assert [a.headers["x-ratelimit-remaining-tokens"] for a in admitted] == [
+        "9970",
+        "9940",
+        "9910",
+        "9880",
+        "9850",
+    ]
+    assert month_row(database) == (0, 5 * (10 * IN + 20 * OUT))
+    assert [(r.request_id, r.status) for r in ledger(database)] == [(f"r{i}", "pending") for i in range(5)]
+    assert_ledger_consistent(database)
+
+
+def batch_request(key, rid, *, prompt=10, max_tokens=20, model="m", instance="i1"):
+    return {"key": key, "model": model, "request_id": rid, "prompt_tokens": prompt,
+            "max_completion_tokens": max_tokens, "instance_id": instance}  # fmt: skip
+
+
+def test_a_batch_of_admits_is_what_the_same_admits_one_by_one_give(database, tmp_path, monkeypatch):
+    """A random history of batches (keys with and without limits, a tight budget, windows expiring, keys revoked,
+    a request id used twice, settles between batches) on one database with admit_many and on another with one
+    admit per request: every request gets the same Admission or the same refusal, and the databases end equal.
+    On PostgreSQL the batches that fit ran as one statement; the ones with a refusal fell back to single admits."""
+    kind = "sqlite" if database.dialect == "sqlite" else "postgres"
+    singles = {"n": 0}
+    admit_one = metering._admit_one
+
+    def counted(db, *args):  # single admits of the batched database
+        singles["n"] += db is database
+        return admit_one(db, *args)
+
+    monkeypatch.setattr(metering, "_admit_one", counted)
+    with open_test_database(kind, tmp_path / "reference") as reference:
+        dbs = (database, reference)
+        keys = []
+        for db in dbs:
+            auth.create_tenant(db, "acme")
+            auth.create_tenant(db, "globex")
+            metering.set_price(db, "a", input_usd="0.15", output_usd="0.6", now=T0 - timedelta(days=60))
+            metering.set_price(db, "b", input_usd="3", output_usd="15", now=T0 - timedelta(days=60))
+            metering.set_budget(db, "globex", "0.004", month="2026-11")
+            keys.append([
+                auth.create_key(db, "acme", rpm=6, tpm=2500)[0],
+                auth.create_key(db, "acme")[0],
+                auth.create_key(db, "globex", tpm=1500)[0],
+                auth.create_key(db, "globex", rpm=4)[0],
+            ])  # fmt: skip
+        rng = random.Random(11)
+        now, opened, outcomes, batches = T0, ([], []), [], {"one statement": 0, "one by one": 0}
+        for step in range(40):
+            now += timedelta(seconds=rng.choice([0, 1, 3, 25]))
+            if step == 30:  # a key revoked (at `now`): refused from here on
+                for db in dbs:
+                    with db.write() as conn:
+                        conn.execute(sa.update(api_keys).where(api_keys.c.id == 4).values(revoked_at=now))
+            if opened[0] and rng.random() < 0.3:
+                picked = rng.sample(range(len(opened[0])), rng.randint(1, len(opened[0])))
+                for db, open_ in zip(dbs, opened, strict=True):
+                    told = [metering.settlement(open_[i], prompt_tokens=open_[i].reserved_tokens // 3,
+                                                completion_tokens=1, status="completed", now=now) for i in picked]  # fmt: skip
+                    metering.settle_many(db, told)
+                    for i in sorted(picked, reverse=True):
+                        del open_[i]
+            size = rng.randint(1, 8)
+            # mostly keys 1 and 2 (batches that fit); now and then two batches of 4 all on key 0 (RPM 6): the
+            # second overflows its window by 2
+            if step % 7 in (3, 4):
+                size = 4
+            ks = (
+                [0] * size if step % 7 in (3, 4) else [rng.choice([0, 1, 1, 1, 2, 2, 3]) for _ in range(size)]
+            )
+            picks = [(k, rng.choice("ab"), rng.randint(0, 400)) for k in ks]
+            rids = [f"s{step}-{j}" for j in range(size)]
+            if step % 9 == 4:
+                rids[-1] = rids[0]  # a request id used twice in one batch
+            before = singles["n"]
+            batched = metering.admit_many(
+                database, [batch_request(keys[0][k], rid, prompt=20, max_tokens=m, model=model)
+                           for (k, model, m), rid in zip(picks, rids, strict=True)], now=now,
+            )  # fmt: skip
+            ran_singly = singles["n"] - before
+            refused_before = len(outcomes)
+            for (k, model, m), rid, got in zip(picks, rids, batched, strict=True):
+                try:
+                    expected = go(reference, keys[1][k], rid, prompt=20, max_tokens=m, model=model, now=now)
+                except Exception as e:  # noqa: BLE001
+                    outcomes.append(type(e).__name__)
+                    assert type(got) is type(e), (got, e)
+                    assert str(got).replace(keys[0][k].prefix, "KEY") == str(e).replace(
+                        keys[1][k].prefix, "KEY"
+                    )
+                    assert getattr(got, "headers", None) == getattr(e, "headers", None)
+                    continue
+                assert isinstance(got, metering.Admission), got
+                assert dataclasses.replace(got, usage_id=0, key=None) == dataclasses.replace(
+                    expected, usage_id=0, key=None
+                )
+                opened[0].append(got)
+                opened[1].append(expected)
+            if kind == "sqlite" or size == 1:
+                assert ran_singly == size
+            else:  # PostgreSQL: one statement for a batch that fits, else one admit per request
+                way = "one by one" if len(outcomes) > refused_before else "one statement"
+                assert ran_singly == (size if way == "one by one" else 0)
+                batches[way] += 1
+        assert {"QuotaExceeded", "RateLimited", "AuthError", "ValueError"} <= set(outcomes), outcomes
+        assert kind == "sqlite" or min(batches.values()) >= 5, batches
+        for db in dbs:
+            assert_ledger_consistent(db)
+        assert [table_rows(database, t) for t in (rate_windows, tenant_months)] == [
+            table_rows(reference, t) for t in (rate_windows, tenant_months)
+        ]
+        assert usage_rows(database) == usage_rows(reference)
+
+
+def table_rows(db, table):
+    with db.read() as conn:
+        return sorted(tuple(r) for r in conn.execute(sa.select(table)).all())
+
+
+def usage_rows(db):
+    """The ledger without its ids (PostgreSQL's sequence also counts the rows a refused statement rolled back)."""
+    with db.read() as conn:
+        rows = conn.execute(sa.select(usage).order_by(usage.c.request_id)).all()
+    return [{**r._mapping, "id": 0} for r in rows]
 
 
 def test_admit_refuses_a_revoked_key_and_consumes_nothing(database):

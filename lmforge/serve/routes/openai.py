@@ -349,20 +349,18 @@ class Meter:
     settled: bool = False
 
     async def admit(self) -> None:
-        db, key, ledger = self.state.db, self.key, self._ledger()
-        admit = partial(
-            metering.admit,
-            db,
-            key,
-            self.model,
-            request_id=self.request_id,
-            prompt_tokens=self.prompt_tokens,
-            max_completion_tokens=self.max_completion_tokens,
-            instance_id=self.state.instance_id,
-        )
+        ledger = self._ledger()
+        request = {
+            "key": self.key,
+            "model": self.model,
+            "request_id": self.request_id,
+            "prompt_tokens": self.prompt_tokens,
+            "max_completion_tokens": self.max_completion_tokens,
+            "instance_id": self.state.instance_id,
+        }
         # admitted, but cancelled meanwhile: nothing will run, so the hold goes back at once
         try:
-            self.admission = await _uncancelled(ledger.run(admit), partial(_release, ledger))
+            self.admission = await _uncancelled(ledger.admit(request), partial(_release, ledger))
         except AuthError as e:  # the key was revoked after the process cached it (auth.KeyCache)
             raise refused(self.state, self.request, e) from None
         self.request.state.ratelimit_headers = self.admission.headers
