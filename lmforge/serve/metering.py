@@ -405,14 +405,23 @@ def _admitted_columns() -> list[sa.ColumnClause]:
     ]
 
 
+# What both admit statements ask: the key is live at :p_now (neither revoked nor expired, as auth.check_live);
+# the price of a model in force at :p_now.
+_LIVE_KEY = "(revoked_at IS NULL OR revoked_at > :p_now) AND (expires_at IS NULL OR expires_at > :p_now)"
+
+
+def _price_in_force(model: str) -> str:
+    return (
+        f"SELECT input_uusd_per_mtok, output_uusd_per_mtok FROM prices WHERE model = {model} "
+        "AND effective_from <= :p_now ORDER BY effective_from DESC LIMIT 1"
+    )
+
+
 _PG_ADMIT = (
     sa.text(
-        """
+        f"""
 WITH live AS (
-    SELECT EXISTS (
-        SELECT 1 FROM api_keys WHERE id = :p_key_id AND (revoked_at IS NULL OR revoked_at > :p_now)
-                                     AND (expires_at IS NULL OR expires_at > :p_now)
-    ) AS ok
+    SELECT EXISTS (SELECT 1 FROM api_keys WHERE id = :p_key_id AND {_LIVE_KEY}) AS ok
 ), w AS (
     INSERT INTO rate_windows AS rw (key_id, window_start, requests, tokens)
     SELECT :p_key_id, :p_now, 1, :p_tokens FROM live WHERE live.ok AND :p_limited
@@ -430,10 +439,7 @@ WITH live AS (
            b.limit_pusd AS p_limit,
            :p_prompt * coalesce(p.input_uusd_per_mtok, 0) + :p_max * coalesce(p.output_uusd_per_mtok, 0) AS hold
     FROM (SELECT 1) AS one
-    LEFT JOIN LATERAL (
-        SELECT input_uusd_per_mtok, output_uusd_per_mtok FROM prices
-        WHERE model = :p_model AND effective_from <= :p_now ORDER BY effective_from DESC LIMIT 1
-    ) AS p ON true
+    LEFT JOIN LATERAL ({_price_in_force(":p_model")}) AS p ON true
     LEFT JOIN budgets AS b ON b.tenant_id = :p_tenant_id AND b.month = :p_month
 ), reserved AS (
     INSERT INTO tenant_months AS tm (tenant_id, month, spent_pusd, reserved_pusd)
@@ -487,7 +493,7 @@ BUDGET_REFUSED = "22012"  # SQLSTATE division_by_zero: _PG_ADMIT's refusal of th
 # its key before it in the batch counted): its x-ratelimit-* headers.
 _PG_ADMIT_MANY = (
     sa.text(
-        """
+        f"""
 WITH b AS (
     SELECT * FROM unnest(
         CAST(:p_request_id AS text[]), CAST(:p_key_id AS bigint[]), CAST(:p_tenant_id AS bigint[]),
@@ -499,14 +505,10 @@ WITH b AS (
     SELECT b.*, b.prompt + b.max AS tokens, coalesce(p.input_uusd_per_mtok, 0) AS p_in,
            coalesce(p.output_uusd_per_mtok, 0) AS p_out,
            b.prompt * coalesce(p.input_uusd_per_mtok, 0) + b.max * coalesce(p.output_uusd_per_mtok, 0) AS hold
-    FROM b LEFT JOIN LATERAL (
-        SELECT input_uusd_per_mtok, output_uusd_per_mtok FROM prices
-        WHERE model = b.model AND effective_from <= :p_now ORDER BY effective_from DESC LIMIT 1
-    ) AS p ON true
+    FROM b LEFT JOIN LATERAL ({_price_in_force("b.model")}) AS p ON true
 ), live AS (
     SELECT count(*) = (SELECT count(DISTINCT key_id) FROM b) AS ok FROM api_keys
-    WHERE id IN (SELECT key_id FROM b) AND (revoked_at IS NULL OR revoked_at > :p_now)
-                                       AND (expires_at IS NULL OR expires_at > :p_now)
+    WHERE id IN (SELECT key_id FROM b) AND {_LIVE_KEY}
 ), k AS (
     SELECT key_id, count(*) AS n, sum(tokens) AS tokens, min(rpm) AS rpm, min(tpm) AS tpm
     FROM priced WHERE limited GROUP BY key_id
