@@ -19,7 +19,9 @@ per-process counter as the source of truth. A refusal rolls the whole transactio
 `tenant_months` keeps running totals in the same transactions as the ledger, so that
 spent = sum(cost of settled rows) and reserved = sum(holds of pending rows) at every commit.
 
-Lock order (PostgreSQL deadlock freedom): ledger row, then rate window, then tenant month, everywhere.
+Lock order (PostgreSQL deadlock freedom), everywhere: ledger rows (a settle's; an admit's row is new), then rate
+windows in key order, then tenant months in tenant order. The data-modifying CTEs of one statement run in no
+set order, so each statement's months CTE reads its windows CTE, which makes PostgreSQL run that one first.
 
 A server process that dies leaves pending rows; `reconcile_stale` (at start-up and on every heartbeat, by any
 live process) fails the rows of processes that stopped heartbeating and releases their holds.
@@ -246,8 +248,8 @@ def _rate_limit_error(key: ApiKey, row: Any, tokens: int, now: datetime) -> Rate
 class _Statements:
     """The hot path's statements on SQLite, built once and run with parameters: building a Core statement
     costs about ten times more than running a built one (measured: 2 ms vs 0.2 ms for the window upsert).
-    SQLite runs them one by one in its transaction (cheap: no round trips); PostgreSQL runs _PG_ADMIT and
-    _PG_SETTLE_MANY below instead."""
+    SQLite runs them one by one in its transaction (cheap: no round trips); PostgreSQL runs _PG_ADMIT,
+    _PG_ADMIT_MANY and _PG_SETTLE_MANY below instead."""
 
     charge_window: Any
     lookup: Any
@@ -480,7 +482,8 @@ FROM held CROSS JOIN go LEFT JOIN w ON true
         sa.column("budget_ok", sa.Integer),
     )
 )
-BUDGET_REFUSED = "22012"  # SQLSTATE division_by_zero: _PG_ADMIT's refusal of the hold
+# SQLSTATE division_by_zero: how _PG_ADMIT refuses a hold, and _PG_ADMIT_MANY a batch that does not fit
+BUDGET_REFUSED = "22012"
 
 # admit_many on PostgreSQL: a batch of admits as ONE statement (one round trip, one commit), the requests as
 # parallel arrays in order, all at one time. It only ever admits the whole batch: each rate window is charged
@@ -531,7 +534,9 @@ WITH b AS (
 ), reserved AS (
     INSERT INTO tenant_months AS tm (tenant_id, month, spent_pusd, reserved_pusd)
     SELECT tenant_id, :p_month, 0, hold FROM t, live
-    WHERE live.ok AND hold > 0 AND (p_limit IS NULL OR hold <= p_limit) ORDER BY tenant_id
+    WHERE live.ok AND hold > 0 AND (p_limit IS NULL OR hold <= p_limit)
+      AND (SELECT count(*) FROM w) >= 0  -- reads w: the windows are locked before the months (lock order)
+    ORDER BY tenant_id
     ON CONFLICT (tenant_id, month) DO UPDATE SET reserved_pusd = tm.reserved_pusd + excluded.reserved_pusd
     WHERE (SELECT p_limit FROM t WHERE t.tenant_id = tm.tenant_id) IS NULL
        OR tm.spent_pusd + tm.reserved_pusd + excluded.reserved_pusd
@@ -591,9 +596,12 @@ WITH batch AS (
     FROM (SELECT key_id, window_start, sum(unused) AS unused FROM done WHERE unused > 0
           GROUP BY key_id, window_start ORDER BY key_id) AS r
     WHERE w.key_id = r.key_id AND w.window_start = r.window_start AND w.tokens >= r.unused
+    RETURNING 1
 ), spent AS (
     INSERT INTO tenant_months AS tm (tenant_id, month, spent_pusd, reserved_pusd)
-    SELECT tenant_id, month, sum(cost), -sum(hold) FROM done WHERE cost > 0 OR hold > 0
+    SELECT tenant_id, month, sum(cost), -sum(hold) FROM done
+    WHERE (cost > 0 OR hold > 0)
+      AND (SELECT count(*) FROM refunded) >= 0  -- reads refunded: windows locked before months (lock order)
     GROUP BY tenant_id, month ORDER BY tenant_id, month
     ON CONFLICT (tenant_id, month) DO UPDATE SET spent_pusd = tm.spent_pusd + excluded.spent_pusd,
         reserved_pusd = tm.reserved_pusd + excluded.reserved_pusd
@@ -618,7 +626,10 @@ def admit(
     QuotaExceeded / auth.AuthError (a key revoked or expired since it was cached) having consumed nothing."""
     request = {"key": key, "model": model, "request_id": request_id, "prompt_tokens": prompt_tokens,
                "max_completion_tokens": max_completion_tokens, "instance_id": instance_id}  # fmt: skip
-    return _admit_one(db, key, model, _admit_args(db, request, now or utcnow()))
+    args = _admit_args(request, now or utcnow())
+    if _too_large(key, args):
+        raise _too_large_error(db, key, args)
+    return _admit_one(db, key, model, args)
 
 
 def admit_many(db: Database, requests: list[dict[str, Any]], now: datetime | None = None) -> list[Any]:
@@ -627,34 +638,45 @@ def admit_many(db: Database, requests: list[dict[str, Any]], now: datetime | Non
 
     On PostgreSQL the batch runs as ONE statement (_PG_ADMIT_MANY) when every request in it is admitted -- one
     round trip and one commit instead of one each; when any would be refused, that statement fails and changes
-    nothing, and the requests are admitted one by one, so each refusal is exactly the one a lone admit gives."""
+    nothing, and the requests are admitted one by one, so each refusal is exactly the one a lone admit gives.
+    A request too large for its key's TPM is refused at its turn: its headers count the requests before it."""
     now = now or utcnow()
     results: list[Any] = [None] * len(requests)
-    batch = []
+    run: list[tuple[int, dict[str, Any], dict[str, Any]]] = []  # admitted together
     for i, r in enumerate(requests):
         try:
-            args = _admit_args(db, r, now)
-        except Exception as e:  # noqa: BLE001 - the request's own outcome, as admit would raise it
+            args = _admit_args(r, now)
+        except ValueError as e:
             results[i] = e
+            continue
+        if _too_large(r["key"], args):
+            _admit_together(db, run, results)
+            run = []
+            results[i] = _too_large_error(db, r["key"], args)
         else:
-            batch.append((i, r, args))
-    if db.dialect == "postgresql" and len(batch) > 1:
-        admitted = _admit_postgres_many(db, [(r["key"], r["model"], args) for _, r, args in batch], now)
-        if admitted is not None:
-            for (i, _, _), admission in zip(batch, admitted, strict=True):
-                results[i] = admission
-            return results
-    for i, r, args in batch:
-        try:
-            results[i] = _admit_one(db, r["key"], r["model"], args)
-        except Exception as e:  # noqa: BLE001
-            results[i] = e
+            run.append((i, r, args))
+    _admit_together(db, run, results)
     return results
 
 
-def _admit_args(db: Database, request: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """admit's statement parameters for `request` (admit's keyword arguments), or the refusal that needs no
-    transaction (a request over the key's TPM)."""
+def _admit_together(
+    db: Database, run: list[tuple[int, dict[str, Any], dict[str, Any]]], results: list
+) -> None:
+    if db.dialect == "postgresql" and len(run) > 1:
+        admitted = _admit_postgres_many(db, [(r["key"], r["model"], args) for _, r, args in run])
+        if admitted is not None:
+            for (i, _, _), admission in zip(run, admitted, strict=True):
+                results[i] = admission
+            return
+    for i, r, args in run:
+        try:
+            results[i] = _admit_one(db, r["key"], r["model"], args)
+        except Exception as e:  # noqa: BLE001 - the request's own outcome, as admit would raise it
+            results[i] = e
+
+
+def _admit_args(request: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """admit's statement parameters for `request` (admit's keyword arguments); ValueError for negative counts."""
     key, prompt_tokens, max_completion_tokens = (
         request["key"],
         request["prompt_tokens"],
@@ -662,15 +684,6 @@ def _admit_args(db: Database, request: dict[str, Any], now: datetime) -> dict[st
     )
     if prompt_tokens < 0 or max_completion_tokens < 0:
         raise ValueError(f"negative token counts: {prompt_tokens}, {max_completion_tokens}")
-    tokens = prompt_tokens + max_completion_tokens
-    if key.tpm is not None and tokens > key.tpm:
-        headers = ratelimit_headers(db, key, now) | {"x-should-retry": "false"}
-        raise RateLimited(
-            f"Request too large for API key {key.prefix}...: it may use {tokens} tokens (prompt + max_tokens) "
-            f"but the key's limit is {key.tpm} tokens per minute. Lower max_tokens or shorten the prompt.",
-            headers,
-            type="tokens",
-        )
     return {
         "p_key_id": key.id,
         "p_tenant_id": key.tenant_id,
@@ -678,7 +691,7 @@ def _admit_args(db: Database, request: dict[str, Any], now: datetime) -> dict[st
         "p_month": month_of(now),
         "p_now": now,
         "p_cutoff": now - WINDOW,
-        "p_tokens": tokens,
+        "p_tokens": prompt_tokens + max_completion_tokens,
         "p_rpm": NO_RPM if key.rpm is None else key.rpm,
         "p_tpm": NO_TPM if key.tpm is None else key.tpm,
         "p_prompt": prompt_tokens,
@@ -687,6 +700,21 @@ def _admit_args(db: Database, request: dict[str, Any], now: datetime) -> dict[st
         "p_instance": request["instance_id"],
         "p_limited": key.rpm is not None or key.tpm is not None,
     }
+
+
+def _too_large(key: ApiKey, args: dict[str, Any]) -> bool:
+    """The request may use more tokens than its key allows in a minute: refused without a transaction."""
+    return key.tpm is not None and args["p_tokens"] > key.tpm
+
+
+def _too_large_error(db: Database, key: ApiKey, args: dict[str, Any]) -> RateLimited:
+    tokens = args["p_tokens"]
+    return RateLimited(
+        f"Request too large for API key {key.prefix}...: it may use {tokens} tokens (prompt + max_tokens) "
+        f"but the key's limit is {key.tpm} tokens per minute. Lower max_tokens or shorten the prompt.",
+        ratelimit_headers(db, key, args["p_now"]) | {"x-should-retry": "false"},
+        type="tokens",
+    )
 
 
 def _admit_one(db: Database, key: ApiKey, model: str, args: dict[str, Any]) -> Admission:
@@ -752,20 +780,28 @@ def _admission(
     )
 
 
-def _admit_postgres_many(db: Database, batch: list[tuple[ApiKey, str, dict]], now: datetime) -> list | None:
-    """The batch's Admissions from one _PG_ADMIT_MANY statement, or None if any request would be refused (or
-    the statement failed otherwise): then nothing changed."""
+# The errors after which _PG_ADMIT_MANY changed nothing and its requests are admitted one by one instead: its
+# own refusal (BUDGET_REFUSED), a request id already in the ledger, a deadlock or serialization failure with
+# another process. Any other error (a lost connection: the batch may have committed) goes to every caller.
+_RETRY_ONE_BY_ONE = {BUDGET_REFUSED, "23505", "40P01", "40001"}
+
+
+def _admit_postgres_many(db: Database, batch: list[tuple[ApiKey, str, dict]]) -> list | None:
+    """The batch's Admissions from one _PG_ADMIT_MANY statement, or None if any request would be refused: then
+    nothing changed."""
     names = ("p_request_id", "p_key_id", "p_tenant_id", "p_model", "p_prompt", "p_max", "p_limited", "p_rpm",
              "p_tpm", "p_instance")  # fmt: skip
     arrays = {name: [args[name] for _, _, args in batch] for name in names}
-    first = batch[0][2]
+    first = batch[0][2]  # the batch's time: the same in every request's args
     try:
         with db.raw(transaction=False) as cur:
             rows = db.prepared(_PG_ADMIT_MANY).all(
-                cur, arrays | {"p_now": now, "p_cutoff": first["p_cutoff"], "p_month": first["p_month"]}
+                cur, arrays | {name: first[name] for name in ("p_now", "p_cutoff", "p_month")}
             )
-    except sa.exc.DBAPIError:  # a refusal (BUDGET_REFUSED), a request id used before, a deadlock, ...
-        return None
+    except sa.exc.DBAPIError as e:
+        if getattr(e.orig, "sqlstate", None) in _RETRY_ONE_BY_ONE:
+            return None
+        raise
     if len(rows) != len(batch):  # a key revoked or expired since it was cached: nothing was written
         return None
     return [

@@ -214,8 +214,12 @@ def test_a_batch_of_admits_is_what_the_same_admits_one_by_one_give(database, tmp
             ks = (
                 [0] * size if step % 7 in (3, 4) else [rng.choice([0, 1, 1, 1, 2, 2, 3]) for _ in range(size)]
             )
-            picks = [(k, rng.choice("ab"), rng.randint(0, 400)) for k in ks]
-            rids = [f"s{step}-{j}" for j in range(size)]
+            # models a, b and an unpriced one (no hold); now and then more tokens than key 2's TPM allows at all
+            picks = [
+                (k, rng.choice(["a", "b", "free"]), rng.choice([rng.randint(0, 400)] * 9 + [1600]))
+                for k in ks
+            ]
+            rids = [f"s{step}-{9 - j}" for j in range(size)]  # ids that sort against the batch's order
             if step % 9 == 4:
                 rids[-1] = rids[0]  # a request id used twice in one batch
             before = singles["n"]
@@ -224,12 +228,13 @@ def test_a_batch_of_admits_is_what_the_same_admits_one_by_one_give(database, tmp
                            for (k, model, m), rid in zip(picks, rids, strict=True)], now=now,
             )  # fmt: skip
             ran_singly = singles["n"] - before
-            refused_before = len(outcomes)
+            refused = []  # per request: refused by the reference (None: admitted, "early": too large for its TPM)
             for (k, model, m), rid, got in zip(picks, rids, batched, strict=True):
                 try:
                     expected = go(reference, keys[1][k], rid, prompt=20, max_tokens=m, model=model, now=now)
                 except Exception as e:  # noqa: BLE001
-                    outcomes.append(type(e).__name__)
+                    refused.append("early" if "Request too large" in str(e) else type(e).__name__)
+                    outcomes.append("too large" if refused[-1] == "early" else type(e).__name__)
                     assert type(got) is type(e), (got, e)
                     assert str(got).replace(keys[0][k].prefix, "KEY") == str(e).replace(
                         keys[1][k].prefix, "KEY"
@@ -240,15 +245,25 @@ def test_a_batch_of_admits_is_what_the_same_admits_one_by_one_give(database, tmp
                 assert dataclasses.replace(got, usage_id=0, key=None) == dataclasses.replace(
                     expected, usage_id=0, key=None
                 )
+                if opened[0] and opened[0][-1].started_at == now:  # rows inserted in the batch's order
+                    assert got.usage_id > opened[0][-1].usage_id
                 opened[0].append(got)
                 opened[1].append(expected)
-            if kind == "sqlite" or size == 1:
-                assert ran_singly == size
-            else:  # PostgreSQL: one statement for a batch that fits, else one admit per request
-                way = "one by one" if len(outcomes) > refused_before else "one statement"
-                assert ran_singly == (size if way == "one by one" else 0)
-                batches[way] += 1
+                refused.append(None)
+            # Which path each run of requests took (a request too large for its TPM is refused on its own and
+            # splits the batch): SQLite and a lone request, one admit each; on PostgreSQL one statement for a run
+            # that fits, else one admit per request.
+            expected_singles = 0
+            for run in "".join("|" if r == "early" else ("x" if r else ".") for r in refused).split("|"):
+                if kind == "sqlite" or len(run) == 1:
+                    expected_singles += len(run)
+                elif run:
+                    way = "one by one" if "x" in run else "one statement"
+                    expected_singles += len(run) if way == "one by one" else 0
+                    batches[way] += 1
+            assert ran_singly == expected_singles, (refused, ran_singly)
         assert {"QuotaExceeded", "RateLimited", "AuthError", "ValueError"} <= set(outcomes), outcomes
+        assert outcomes.count("too large") >= 3, outcomes
         assert kind == "sqlite" or min(batches.values()) >= 5, batches
         for db in dbs:
             assert_ledger_consistent(db)
@@ -256,6 +271,37 @@ def test_a_batch_of_admits_is_what_the_same_admits_one_by_one_give(database, tmp
             table_rows(reference, t) for t in (rate_windows, tenant_months)
         ]
         assert usage_rows(database) == usage_rows(reference)
+
+
+def test_racing_batches_never_exceed_a_budget_or_a_window(database):
+    """Threads admitting batches at once (several servers' ledger threads) take each window and month row's
+    latest version: 8 threads x 4 batches of 3 against a budget for 17 holds and an RPM of 20 admit exactly 17."""
+    key = setup(database, rpm=20)
+    hold = 10 * IN + 20 * OUT
+    limit = 17 * hold + hold - 1
+    metering.set_budget(database, "acme", str(Decimal(limit).scaleb(-12)), month="2026-11")
+    barrier = threading.Barrier(8)
+    outcomes: list = []
+
+    def worker(t: int) -> None:
+        barrier.wait()
+        for b in range(4):
+            batch = [batch_request(key, f"t{t}-{b}-{j}") for j in range(3)]
+            outcomes.extend(metering.admit_many(database, batch, now=T0 + timedelta(milliseconds=t)))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    admitted = [o for o in outcomes if isinstance(o, metering.Admission)]
+    assert len(outcomes) == 96 and len(admitted) == 17
+    assert all(isinstance(o, QuotaExceeded) for o in outcomes if o not in admitted), outcomes
+    assert month_row(database) == (0, 17 * hold)
+    assert len(ledger(database)) == 17
+    assert metering.ratelimit_headers(database, key, T0)["x-ratelimit-remaining-requests"] == "3"
+    assert sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted) == list(range(3, 20))
+    assert_ledger_consistent(database)
 
 
 def table_rows(db, table):

@@ -313,7 +313,7 @@ async def _uncancelled(future: asyncio.Future[T], undo: Callable[[T], Awaitable[
                 result = await asyncio.shield(future)
                 break
             except asyncio.CancelledError:
-                if future.cancelled():  # the executor is shutting down: nothing ran
+                if future.cancelled():  # the change itself was called off, so nothing ran
                     raise
                 interrupted = True
         if interrupted and undo is not None:
