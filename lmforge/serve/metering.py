@@ -485,6 +485,24 @@ FROM held CROSS JOIN go LEFT JOIN w ON true
 # SQLSTATE division_by_zero: how _PG_ADMIT refuses a hold, and _PG_ADMIT_MANY a batch that does not fit
 BUDGET_REFUSED = "22012"
 
+
+def _unnest(arrays: tuple[tuple[str, str], ...], *, ordinality: bool = False) -> str:
+    """Parallel arrays as rows: the arrays bound as :p_<name> (`_array_args`), their elements in columns <name> of
+    a table `b` (with `ord`, 1-based, if `ordinality`)."""
+    casts = ", ".join(f"CAST(:p_{name} AS {sqltype}[])" for name, sqltype in arrays)
+    names = ", ".join([name for name, _ in arrays] + (["ord"] if ordinality else []))
+    return f"unnest({casts}){' WITH ORDINALITY' if ordinality else ''} AS b({names})"
+
+
+def _array_args(arrays: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> dict[str, list]:
+    """`_unnest`'s parameters: per array, its element of every row (each row holds p_<name>)."""
+    return {f"p_{name}": [row[f"p_{name}"] for row in rows] for name, _ in arrays}
+
+
+_ADMIT_MANY_ARRAYS = (("request_id", "text"), ("key_id", "bigint"), ("tenant_id", "bigint"), ("model", "text"),
+                      ("prompt", "bigint"), ("max", "bigint"), ("limited", "boolean"), ("rpm", "bigint"),
+                      ("tpm", "bigint"), ("instance", "text"))  # fmt: skip
+
 # admit_many on PostgreSQL: a batch of admits as ONE statement (one round trip, one commit), the requests as
 # parallel arrays in order, all at one time. It only ever admits the whole batch: each rate window is charged
 # with its requests' count and tokens summed, each tenant month with its requests' holds summed, which is what
@@ -498,12 +516,7 @@ _PG_ADMIT_MANY = (
     sa.text(
         f"""
 WITH b AS (
-    SELECT * FROM unnest(
-        CAST(:p_request_id AS text[]), CAST(:p_key_id AS bigint[]), CAST(:p_tenant_id AS bigint[]),
-        CAST(:p_model AS text[]), CAST(:p_prompt AS bigint[]), CAST(:p_max AS bigint[]),
-        CAST(:p_limited AS boolean[]), CAST(:p_rpm AS bigint[]), CAST(:p_tpm AS bigint[]),
-        CAST(:p_instance AS text[])
-    ) WITH ORDINALITY AS b(request_id, key_id, tenant_id, model, prompt, max, limited, rpm, tpm, instance, ord)
+    SELECT * FROM {_unnest(_ADMIT_MANY_ARRAYS, ordinality=True)}
 ), priced AS (
     SELECT b.*, b.prompt + b.max AS tokens, coalesce(p.input_uusd_per_mtok, 0) AS p_in,
            coalesce(p.output_uusd_per_mtok, 0) AS p_out,
@@ -568,8 +581,9 @@ ORDER BY priced.ord
     .columns(*_admitted_columns(), sa.column("admitted", sa.Integer))
 )
 
-_PG_SETTLE_MANY_ARRAYS = ("p_usage_id", "p_status", "p_prompt", "p_completion", "p_cost", "p_now", "p_error",
-                          "p_key_id", "p_window_start", "p_unused", "p_month", "p_hold")  # fmt: skip
+_SETTLE_MANY_ARRAYS = (("usage_id", "bigint"), ("status", "text"), ("prompt", "bigint"), ("completion", "bigint"),
+                       ("cost", "bigint"), ("now", "timestamptz"), ("error", "text"), ("key_id", "bigint"),
+                       ("window_start", "timestamptz"), ("unused", "bigint"), ("month", "text"), ("hold", "bigint"))  # fmt: skip
 
 # settle_many on PostgreSQL: ONE statement for a whole batch or a single settle (one round trip, one commit,
 # atomic by itself), the settles as parallel arrays. Only rows still pending are closed, and only those give their
@@ -577,12 +591,7 @@ _PG_SETTLE_MANY_ARRAYS = ("p_usage_id", "p_status", "p_prompt", "p_completion", 
 _PG_SETTLE_MANY = sa.text(
     f"""
 WITH batch AS (
-    SELECT * FROM unnest(
-        CAST(:p_usage_id AS bigint[]), CAST(:p_status AS text[]), CAST(:p_prompt AS bigint[]),
-        CAST(:p_completion AS bigint[]), CAST(:p_cost AS bigint[]), CAST(:p_now AS timestamptz[]),
-        CAST(:p_error AS text[]), CAST(:p_key_id AS bigint[]), CAST(:p_window_start AS timestamptz[]),
-        CAST(:p_unused AS bigint[]), CAST(:p_month AS text[]), CAST(:p_hold AS bigint[])
-    ) AS b(usage_id, status, prompt, completion, cost, now, error, key_id, window_start, unused, month, hold)
+    SELECT * FROM {_unnest(_SETTLE_MANY_ARRAYS)}
 ), closed AS (
     UPDATE usage AS u SET status = b.status, prompt_tokens = b.prompt, completion_tokens = b.completion,
         cost_pusd = b.cost, reserved_pusd = 0, finished_at = b.now, error = b.error
@@ -626,10 +635,10 @@ def admit(
     QuotaExceeded / auth.AuthError (a key revoked or expired since it was cached) having consumed nothing."""
     request = {"key": key, "model": model, "request_id": request_id, "prompt_tokens": prompt_tokens,
                "max_completion_tokens": max_completion_tokens, "instance_id": instance_id}  # fmt: skip
-    args = _admit_args(request, now or utcnow())
-    if _too_large(key, args):
-        raise _too_large_error(db, key, args)
-    return _admit_one(db, key, model, args)
+    (outcome,) = admit_many(db, [request], now)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def admit_many(db: Database, requests: list[dict[str, Any]], now: datetime | None = None) -> list[Any]:
@@ -663,14 +672,14 @@ def _admit_together(
     db: Database, run: list[tuple[int, dict[str, Any], dict[str, Any]]], results: list
 ) -> None:
     if db.dialect == "postgresql" and len(run) > 1:
-        admitted = _admit_postgres_many(db, [(r["key"], r["model"], args) for _, r, args in run])
+        admitted = _admit_postgres_many(db, [(r["key"], args) for _, r, args in run])
         if admitted is not None:
             for (i, _, _), admission in zip(run, admitted, strict=True):
                 results[i] = admission
             return
     for i, r, args in run:
         try:
-            results[i] = _admit_one(db, r["key"], r["model"], args)
+            results[i] = _admit_one(db, r["key"], args)
         except Exception as e:  # noqa: BLE001 - the request's own outcome, as admit would raise it
             results[i] = e
 
@@ -717,15 +726,14 @@ def _too_large_error(db: Database, key: ApiKey, args: dict[str, Any]) -> RateLim
     )
 
 
-def _admit_one(db: Database, key: ApiKey, model: str, args: dict[str, Any]) -> Admission:
-    limited = args["p_limited"]
+def _admit_one(db: Database, key: ApiKey, args: dict[str, Any]) -> Admission:
     try:
         if db.dialect == "postgresql":
             with db.raw(transaction=False) as cur:  # one statement (see _PG_ADMIT)
-                usage_id, window, in_price, out_price, hold = _admit_postgres(db, cur, limited, args)
+                usage_id, window, in_price, out_price, hold = _admit_postgres(db, cur, args)
         else:
             with db.raw(transaction=True) as cur:
-                usage_id, window, in_price, out_price, hold = _admit_statements(db, cur, limited, args)
+                usage_id, window, in_price, out_price, hold = _admit_statements(db, cur, args)
     except sa.exc.IntegrityError:
         raise ValueError(f"request id {args['p_request_id']!r} is already in the ledger") from None
     except _Refused as refused:  # rolled back: nothing was consumed; the error reads the state that refused
@@ -735,43 +743,26 @@ def _admit_one(db: Database, key: ApiKey, model: str, args: dict[str, Any]) -> A
         raise (
             _quota_exceeded(db, key, args) if refused.by == "budget" else _rate_limited(db, key, args)
         ) from None
-    if window is None:
-        return _admission(key, model, args, usage_id, None, 0, 0, in_price, out_price, hold)
-    return _admission(
-        key,
-        model,
-        args,
-        usage_id,
-        window.window_start,
-        window.requests,
-        window.tokens,
-        in_price,
-        out_price,
-        hold,
-    )
+    return _admission(key, args, usage_id, window, in_price, out_price, hold)
 
 
 def _admission(
-    key: ApiKey,
-    model: str,
-    args: dict[str, Any],
-    usage_id: int,
-    window_start: datetime | None,
-    requests: int,
-    tokens: int,
-    in_price: int,
-    out_price: int,
-    hold: int,
+    key: ApiKey, args: dict[str, Any], usage_id: int, window: Any, in_price: int, out_price: int, hold: int
 ) -> Admission:
+    """The Admission of an admitted request; `window` (window_start, requests, tokens) is its key's rate window
+    after it, None (or a NULL window_start) for a key without limits."""
     now = args["p_now"]
+    window_start = None if window is None else window.window_start
     return Admission(
         usage_id=usage_id,
         request_id=args["p_request_id"],
         key=key,
-        model=model,
+        model=args["p_model"],
         reserved_pusd=hold,
         reserved_tokens=args["p_tokens"],
-        headers={} if window_start is None else _headers(key, window_start, requests, tokens, now),
+        headers={}
+        if window_start is None
+        else _headers(key, window_start, window.requests, window.tokens, now),
         month=args["p_month"],
         started_at=now,
         input_uusd_per_mtok=in_price,
@@ -786,13 +777,11 @@ def _admission(
 _RETRY_ONE_BY_ONE = {BUDGET_REFUSED, "23505", "40P01", "40001"}
 
 
-def _admit_postgres_many(db: Database, batch: list[tuple[ApiKey, str, dict]]) -> list | None:
+def _admit_postgres_many(db: Database, batch: list[tuple[ApiKey, dict]]) -> list | None:
     """The batch's Admissions from one _PG_ADMIT_MANY statement, or None if any request would be refused: then
     nothing changed."""
-    names = ("p_request_id", "p_key_id", "p_tenant_id", "p_model", "p_prompt", "p_max", "p_limited", "p_rpm",
-             "p_tpm", "p_instance")  # fmt: skip
-    arrays = {name: [args[name] for _, _, args in batch] for name in names}
-    first = batch[0][2]  # the batch's time: the same in every request's args
+    arrays = _array_args(_ADMIT_MANY_ARRAYS, [args for _, args in batch])
+    first = batch[0][1]  # the batch's time: the same in every request's args
     try:
         with db.raw(transaction=False) as cur:
             rows = db.prepared(_PG_ADMIT_MANY).all(
@@ -805,10 +794,9 @@ def _admit_postgres_many(db: Database, batch: list[tuple[ApiKey, str, dict]]) ->
     if len(rows) != len(batch):  # a key revoked or expired since it was cached: nothing was written
         return None
     return [
-        _admission(key, model, args, row.usage_id, row.window_start, row.requests, row.tokens, row.p_in, row.p_out,
-                   row.hold)
-        for (key, model, args), row in zip(batch, rows, strict=True)
-    ]  # fmt: skip
+        _admission(key, args, row.usage_id, row, row.p_in, row.p_out, row.hold)
+        for (key, args), row in zip(batch, rows, strict=True)
+    ]
 
 
 class _Refused(Exception):
@@ -819,14 +807,14 @@ class _Refused(Exception):
         self.by = by
 
 
-def _admit_statements(db: Database, cur: Any, limited: bool, args: dict) -> tuple:
+def _admit_statements(db: Database, cur: Any, args: dict) -> tuple:
     """admit's transaction as a statement per step (SQLite)."""
     q = _sqlite_statements()
     in_price, out_price, limit, live = db.prepared(q.lookup).first(cur, args)
     if not live:
         raise _Refused("key")
     window = None
-    if limited:
+    if args["p_limited"]:
         window = db.prepared(q.charge_window).first(cur, args)
         if window is None:
             raise _Refused("window")
@@ -844,7 +832,7 @@ def _admit_statements(db: Database, cur: Any, limited: bool, args: dict) -> tupl
     return row[0], window, in_price, out_price, hold
 
 
-def _admit_postgres(db: Database, cur: Any, limited: bool, args: dict) -> tuple:
+def _admit_postgres(db: Database, cur: Any, args: dict) -> tuple:
     """admit as one autocommit statement (PostgreSQL; see _PG_ADMIT)."""
     try:
         row = db.prepared(_PG_ADMIT).first(cur, args)
@@ -856,7 +844,7 @@ def _admit_postgres(db: Database, cur: Any, limited: bool, args: dict) -> tuple:
         raise _Refused("key")
     if not row.window_ok:
         raise _Refused("window")
-    return row.usage_id, (row if limited else None), row.p_in, row.p_out, row.hold
+    return row.usage_id, (row if args["p_limited"] else None), row.p_in, row.p_out, row.hold
 
 
 def _rate_limited(db: Database, key: ApiKey, args: dict) -> RateLimited:
@@ -953,7 +941,7 @@ def settle_many(db: Database, settlements: list[dict[str, Any]]) -> None:
     if not settlements:
         return
     if db.dialect == "postgresql":
-        arrays = {name: [s[name] for s in settlements] for name in _PG_SETTLE_MANY_ARRAYS}
+        arrays = _array_args(_SETTLE_MANY_ARRAYS, settlements)
         with db.raw(transaction=False) as cur:
             db.prepared(_PG_SETTLE_MANY).execute(cur, arrays).fetchall()
         return
