@@ -1,11 +1,15 @@
-"""One engine decode step of the default model, with and without packed weights.
+"""One engine decode step of the default model: packed weights, fused products, the decodes' dense KV copy.
 
-    python bench/decode_step.py [--model smollm2-135m-instruct] [--batches 1,16] [--steps 48] [--record]
+    python bench/decode_step.py [--model smollm2-135m-instruct] [--batches 1,16] [--prompt-tokens 64]
+                                [--steps 48] [--record]
 
-For each batch size, three engines over the same weights (each its own module tree): unpacked (MKL's sgemm,
-`pack_weights=False`), every Linear packed on its own (oneDNN), and packed with q/k/v and gate/up fused (the
-default). Their sequences are prefilled (64-token prompts from tinyshakespeare) and a few steps into decoding;
-then the engines are stepped in turn, so background load hits them equally, and each reports its median step.
+For each batch size, four engines over the same weights (each its own module tree), each adding one thing to
+the one before: unpacked (MKL's sgemm, `pack_weights=False`), every Linear packed on its own (oneDNN), packed
+with q/k/v and gate/up fused, and that with the decodes reading a dense copy of their keys and values
+(`kv_cache.DenseDecode`) instead of gathering them from the paged cache: the default. The first three gather
+(`dense_decode_mb=0`). Their sequences are prefilled (prompts of --prompt-tokens from tinyshakespeare) and a
+few steps into decoding; then the engines are stepped in turn, so background load hits them equally, and each
+reports its median step (the contexts grow by one token a step).
 """
 
 from __future__ import annotations
@@ -28,14 +32,18 @@ from lmforge.models.layers import pack_linears
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-CASES = ("unpacked", "packed, one by one", "packed, q/k/v and gate/up fused")
+CASES = ("unpacked", "packed, one by one", "packed, q/k/v and gate/up fused", "fused + dense KV copy")
 
 
 def engine_for(ck, case: str, prompts: list[list[int]]) -> LLMEngine:
     model = build_model(ck.model.config, ck.model.state_dict())
-    engine = LLMEngine(model, EngineConfig(kv_cache_mb=160, max_num_seqs=len(prompts), pack_weights=False))
+    dense_mb = 256 if case == CASES[3] else 0
+    config = EngineConfig(
+        kv_cache_mb=256, max_num_seqs=len(prompts), pack_weights=False, dense_decode_mb=dense_mb
+    )
+    engine = LLMEngine(model, config)
     if case != "unpacked":
-        pack_linears(model, fuse=case == CASES[2])
+        pack_linears(model, fuse=case in CASES[2:])
     params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
@@ -50,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=store.DEFAULT_MODEL)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--record", action="store_true")
@@ -60,7 +69,9 @@ def main() -> None:
     load = os.getloadavg()[0]
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = [ck.tokenizer.encode(text[i * 3000 : i * 3000 + 2000])[:64] for i in range(batch)]
+        prompts = [
+            ck.tokenizer.encode(text[i * 3000 : i * 3000 + 8000])[: args.prompt_tokens] for i in range(batch)
+        ]
         engines = [engine_for(ck, case, prompts) for case in CASES]
         times: list[list[float]] = [[] for _ in CASES]
         for _ in range(args.steps):
@@ -73,15 +84,15 @@ def main() -> None:
             f"| {batch} | " + " | ".join(f"{m:.1f} ms ({medians[0] / m:.2f}x)" for m in medians) + " |"
         )
         del engines
-    table = [f"| batch | {' | '.join(CASES)} |", "|---|---|---|---|", *rows]
+    table = [f"| batch | {' | '.join(CASES)} |", "|" + "---|" * (len(CASES) + 1), *rows]
     print("\n".join(table))
     if args.record:
         machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
         entry = [
             f"\n## decode_step.py — {datetime.date.today()} — {machine}",
             "",
-            f"One decode step of {args.model} fp32 ({args.threads} threads), median of {args.steps} steps, the "
-            f"three engines stepped in turn; load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at "
+            f"One decode step of {args.model} fp32 ({args.threads} threads), prompts of {args.prompt_tokens} "
+            f"tokens, median of {args.steps} steps, the engines stepped in turn; load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at "
             "the end. Speed-up against unpacked in brackets.",
             "",
             *table,

@@ -231,6 +231,14 @@ def serve(
         int, typer.Option(help="Token budget per step (chunks long prompts).")
     ] = 512,
     kv_cache_mb: Annotated[float, typer.Option(help="Memory for the KV cache, in MiB.")] = 1024.0,
+    dense_decode_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Memory, in MiB, for a dense copy of the decoding sequences' keys and values, read without "
+            "a gather each step (0: off) [default: a quarter of --kv-cache-mb]",
+            show_default=False,
+        ),
+    ] = None,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait before new ones get 429.")] = 256,
     batch_wait_ms: Annotated[
         float, typer.Option(help="When idle, wait while requests keep arriving this close (at most 10x).")
@@ -289,6 +297,10 @@ def serve(
     """
     if batch_wait_ms < 0:
         raise UserError(f"--batch-wait-ms must be at least 0, got {batch_wait_ms}")
+    if kv_cache_mb <= 0:
+        raise UserError(f"--kv-cache-mb must be positive, got {kv_cache_mb}")
+    if dense_decode_mb is not None and dense_decode_mb < 0:
+        raise UserError(f"--dense-decode-mb must be 0 (off) or positive, got {dense_decode_mb}")
     import asyncio
     from pathlib import Path
 
@@ -352,6 +364,7 @@ def serve(
             max_num_seqs=max_batch,
             max_num_batched_tokens=max_batched_tokens,
             kv_cache_mb=kv_cache_mb,
+            dense_decode_mb=dense_decode_mb,
             enable_prefix_caching=prefix_caching,
             pack_weights=pack_weights,
         )

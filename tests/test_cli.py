@@ -109,6 +109,13 @@ def test_unknown_model(home):
     assert_user_error(run("generate", "no-such-model", "hi", home=home), "no-such-model", "lmforge pull")
 
 
+@pytest.mark.parametrize(
+    "flag, value", [("--kv-cache-mb", "0"), ("--dense-decode-mb", "-1"), ("--batch-wait-ms", "-2")]
+)
+def test_bad_serve_memory_and_wait_options(home, flag, value):
+    assert_user_error(run("serve", "--no-auth", flag, value, home=home), flag)
+
+
 def test_bad_sampling_parameter(home):
     assert_user_error(run("generate", "smol", "hi", "--temperature", "5", home=home), "temperature")
 

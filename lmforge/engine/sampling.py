@@ -202,6 +202,32 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.T
     return torch.empty_like(sorted_logits).scatter_(1, sorted_idx, sorted_logits)
 
 
+ARGMAX_CHUNK = 1024
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` of (R, V) rows, the first maximum on ties, as PyTorch's own. On the CPU its argmax
+    is a scalar loop (~1 ms for 16 x 49,152 logits here), while its max-reduction (amax) is vectorised: so the
+    maximum of each 1,024-wide chunk first, then the argmax of the chunk maxima, then within the winning chunk
+    (0.13 ms). The first chunk holding the row's maximum holds its first occurrence."""
+    rows, width = x.shape
+    n = width // ARGMAX_CHUNK
+    if x.device.type != "cpu" or n < 4:
+        return x.argmax(dim=-1)
+    x = x.contiguous()
+    head = x[:, : n * ARGMAX_CHUNK].view(rows, n, ARGMAX_CHUNK)
+    maxima = head.amax(dim=-1)
+    tail = x[:, n * ARGMAX_CHUNK :]
+    if tail.shape[1]:
+        maxima = torch.cat([maxima, tail.amax(dim=-1, keepdim=True)], dim=1)
+    chunk = maxima.argmax(dim=-1)  # (R,) in 0..n (n: the tail)
+    inside = chunk.clamp(max=n - 1)
+    found = inside * ARGMAX_CHUNK + head[torch.arange(rows, device=x.device), inside].argmax(dim=-1)
+    if tail.shape[1]:
+        found = torch.where(chunk == n, n * ARGMAX_CHUNK + tail.argmax(dim=-1), found)
+    return found
+
+
 def exponential_race(
     probs: torch.Tensor, generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:  # (R,) int64
@@ -223,7 +249,7 @@ def exponential_race(
         q[i].exponential_(generator=generators[i])
     # q == 0 has probability ~2^-24 per entry in float32; it would turn 0/0 into NaN and argmax into garbage
     q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return (probs / q).argmax(dim=-1)
+    return argmax_rows(probs / q)
 
 
 def sample(
@@ -262,7 +288,7 @@ def sample(
         logits = apply_penalties(logits, output_counts, prompt_mask, t)
 
     if t.all_greedy:
-        token_ids = logits.argmax(dim=-1)
+        token_ids = argmax_rows(logits)
     else:
         if t.all_random:
             sub, sub_t, sub_generators = logits, t, generators
@@ -275,7 +301,7 @@ def sample(
         if t.all_random:
             token_ids = sampled
         else:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = argmax_rows(logits)
             token_ids[t.random_rows] = sampled
 
     chosen = (raw.gather(1, token_ids.unsqueeze(1)) - lse).squeeze(1) if logprobs else None  # (B,)

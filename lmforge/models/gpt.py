@@ -75,7 +75,7 @@ class GPT(nn.Module):
             rope = rope_cos_sin(self.inv_freq, positions, x.dtype)
         x = self.embed_dropout(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, None if cache is None else (cache.k[i], cache.v[i]), batch)
+            x = layer(x, rope, None if cache is None else cache.layer(i, batch), batch)
         if logits_rows is not None:
             x = x[logits_rows]
         return self.lm_head(self.norm(x)).float()

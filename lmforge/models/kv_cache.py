@@ -8,7 +8,12 @@ block (allocation, prefix sharing, eviction) is the engine's business; the model
 One forward pass carries the new tokens of many sequences flattened into one (N,) batch, vLLM-style, so
 prefill, chunked prefill and decode share one code path. `CacheBatch` describes that batch: where each
 new token's k/v is written and, per sequence, which slots to attend to. Decode sequences (one new
-token) are attended to together in one padded SDPA call; prefill chunks one by one.
+token) are attended to together in one padded attention; prefill chunks one by one.
+
+`DenseDecode` keeps a dense copy of the decode sequences' contexts beside the paged storage, one row per
+sequence, so that the batched decode attention reads a view of it instead of gathering every context from
+its slots again at every layer of every step (the paged cache stays the source of truth: a row is copied in
+when its sequence starts decoding, then each step appends one token to it).
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ class KVCache:
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
 
+    def layer(self, i: int, batch: CacheBatch) -> tuple[torch.Tensor, ...]:
+        """What layer i attends with: its key and value storage, then the dense copies when `batch` uses them."""
+        if batch.dense is None:
+            return self.k[i], self.v[i]
+        return self.k[i], self.v[i], batch.dense.k[i], batch.dense.v[i]
+
 
 @dataclass
 class SeqSlice:
@@ -87,6 +98,8 @@ class CacheBatch:
         None  # (Bd, 1, Lmax) float: -inf where a slot is padding (or out of window)
     )
     decode_single: SeqSlice | None = None  # the lone decode sequence when Bd == 1 (no padding, maybe a view)
+    decode_ctx: list[int] = field(default_factory=list)  # context length of each decode sequence
+    dense: DensePlan | None = None  # set by DenseDecode.plan: the decodes attend the dense copy
     sliding_window: int | None = None
     _bias_cache: dict = field(default_factory=dict, repr=False)
 
@@ -146,6 +159,7 @@ class CacheBatch:
                 inside &= pos >= ctx - sliding_window
             bias = torch.zeros(inside.shape).masked_fill_(~inside, float("-inf"))
             batch.decode_rows = torch.tensor([row for _, _, row in decodes], dtype=torch.long, device=device)
+            batch.decode_ctx = [c for _, c, _ in decodes]
             batch.decode_slots = slots.to(device)
             batch.decode_bias = bias[:, None, :].to(device)
         return batch
@@ -161,6 +175,16 @@ class CacheBatch:
             )
         return self._bias_cache[key]
 
+    def decode_bias_for_rows(self, n_kv_head: int, group: int) -> torch.Tensor:
+        """decode_bias laid out as the dense decode attention's scores, (Bd * n_kv_head, group, Lmax)."""
+        key = ("rows", n_kv_head, group)
+        if key not in self._bias_cache:
+            bd, _, lmax = self.decode_bias.shape
+            self._bias_cache[key] = (
+                self.decode_bias[:, None].expand(bd, n_kv_head, group, lmax).reshape(-1, group, lmax)
+            )
+        return self._bias_cache[key]
+
     @property
     def num_tokens(self) -> int:
         return self.slot_mapping.numel()
@@ -173,3 +197,142 @@ def _seq_slice(table: list[int], ctx: int, start: int, new: int, block_size: int
     n_blocks = -(-ctx // block_size)
     contiguous = table[:n_blocks] == list(range(table[0], table[0] + n_blocks)) if ctx else True
     return SeqSlice(start, start + new, ctx, slots.to(device), contiguous)
+
+
+@dataclass
+class DensePlan:
+    """One step's use of the dense copy (`DenseDecode.plan`): the decode sequence in row r of the copy (rows
+    0..Bd-1) is token `order[r]` of the flat batch, and the batch's decode_bias is in row order."""
+
+    k: list[torch.Tensor]  # per layer (rows, n_kv_head, capacity, head_dim)
+    v: list[torch.Tensor]
+    order: torch.Tensor  # (Bd,) long
+    append: (
+        torch.Tensor
+    )  # (Bd * n_kv_head,) long: where row r's new k/v go in the copy viewed as (-1, head_dim)
+    length: int  # context positions attended: the longest decode context
+
+
+class DenseDecode:
+    """The decode sequences' contexts copied out of the paged storage into one dense tensor per layer,
+    (rows, n_kv_head, capacity, head_dim): the rows 0..Bd-1 of a step, sliced to the longest context, are a
+    strided view that the score and value products read directly.
+
+    The engine calls `plan` every step with its decode sequences. A sequence keeps its row while it decodes
+    step after step (the layers append its new token); one that joins, or moves to fill a row that a finished
+    one left, is copied in from the paged storage once. Anything else (a step that does not decode two or
+    more sequences, a failed step) forgets the rows: they are copied in again when needed. The copy's memory
+    is bounded by `limit_bytes`; a batch that would not fit attends by gathering, as it would without one."""
+
+    def __init__(self, cache: KVCache, limit_bytes: int) -> None:
+        self.cache, self.limit_bytes = cache, limit_bytes
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.rows: dict[object, int] = {}  # sequence -> its row
+        self._filled: dict[object, int] = {}  # sequence -> context positions its row holds after the step
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, capacity in tokens) allocated; (0, 0) when none."""
+        return (self.k[0].shape[0], self.k[0].shape[2]) if self.k else (0, 0)
+
+    @property
+    def nbytes(self) -> int:
+        rows, capacity = self.shape
+        return rows * capacity * KVCache.bytes_per_token(self.cache.config, self.cache.dtype)
+
+    def clear(self) -> None:
+        """Forget what the rows hold (the memory stays allocated)."""
+        self.rows, self._filled = {}, {}
+
+    def release(self) -> None:
+        self.clear()
+        self.k, self.v = [], []
+
+    def plan(self, seq_ids: list[object], batch: CacheBatch) -> None:
+        """Set up `batch` (built with `seq_ids` as its decode sequences, in its order) to attend the copy:
+        grow it if needed, copy in the sequences that have no row yet, and set `batch.dense`. Leaves the batch
+        to gather when it has fewer than two decodes or the copy would outgrow its limit."""
+        if batch.decode_slots is None or not self._fits(len(seq_ids), max(batch.decode_ctx)):
+            self.clear()
+            return
+        ctx = batch.decode_ctx
+        bd = len(seq_ids)
+        rows = self._kept(seq_ids, ctx)
+        free = iter(sorted(set(range(bd)) - set(rows.values())))
+        fill_rows, fill_seqs = [], []
+        for j, s in enumerate(seq_ids):
+            if s not in rows:
+                rows[s] = next(free)
+                fill_rows.append(rows[s])
+                fill_seqs.append(j)
+        self.rows = rows
+        self._filled = {s: ctx[j] for j, s in enumerate(seq_ids)}
+        if fill_rows:
+            self._copy_in(fill_rows, batch.decode_slots[fill_seqs])
+        by_row = [0] * bd
+        for j, s in enumerate(seq_ids):
+            by_row[rows[s]] = j
+        index = torch.tensor(by_row, dtype=torch.long)
+        capacity, nkv = self.shape[1], self.cache.config.n_kv_head
+        last = torch.tensor(ctx, dtype=torch.long)[index] - 1  # each row's new position
+        append = (torch.arange(bd)[:, None] * nkv + torch.arange(nkv)) * capacity + last[:, None]
+        device = self.cache.device
+        batch.decode_bias = batch.decode_bias[index.to(device)]
+        batch.dense = DensePlan(
+            self.k, self.v, batch.decode_rows[index.to(device)], append.view(-1).to(device), max(ctx)
+        )
+
+    def _kept(self, seq_ids: list[object], ctx: list[int]) -> dict[object, int]:
+        """The rows that stay where they are: sequences decoding again whose row holds their context up to
+        this step's token, in a row below the batch size."""
+        bd = len(seq_ids)
+        kept = {}
+        for j, s in enumerate(seq_ids):
+            r = self.rows.get(s)
+            if r is not None and r < bd and self._filled[s] == ctx[j] - 1:
+                kept[s] = r
+        return kept
+
+    def _fits(self, rows: int, tokens: int) -> bool:
+        """Make room for `rows` rows of `tokens` positions: rows in eights, positions growing by half again in
+        multiples of 64 (or as many as the limit allows); False, with the copy released, when the need itself
+        is over the limit."""
+        have_rows, have_tokens = self.shape
+        if rows <= have_rows and tokens <= have_tokens:
+            return True
+        per_token = KVCache.bytes_per_token(self.cache.config, self.cache.dtype)
+        want_rows = max(have_rows, -(-rows // 8) * 8)
+        if want_rows * tokens * per_token > self.limit_bytes:
+            want_rows = max(have_rows, rows)
+        most = self.limit_bytes // (want_rows * per_token)  # positions that fit
+        if most < tokens:
+            self.release()
+            return False
+        self._grow(want_rows, min(most, max(have_tokens, -(-max(tokens, have_tokens * 3 // 2) // 64) * 64)))
+        return True
+
+    def _grow(self, rows: int, tokens: int) -> None:
+        # zeros, not empty: padding positions are masked by -inf scores, and 0 * NaN would still be NaN
+        cfg, old_rows, old_tokens = self.cache.config, *self.shape
+        shape = (rows, cfg.n_kv_head, tokens, cfg.head_dim)
+        new_k, new_v = [], []
+        for i in range(cfg.n_layer):
+            k = torch.zeros(shape, dtype=self.cache.dtype, device=self.cache.device)
+            v = torch.zeros(shape, dtype=self.cache.dtype, device=self.cache.device)
+            if old_rows:
+                k[:old_rows, :, :old_tokens] = self.k[i]
+                v[:old_rows, :, :old_tokens] = self.v[i]
+            new_k.append(k)
+            new_v.append(v)
+        self.k, self.v = new_k, new_v
+
+    def _copy_in(self, rows: list[int], slots: torch.Tensor) -> None:
+        """Copy the contexts at `slots` (F, L) (padding included: it is masked) into `rows`."""
+        f, length = slots.shape
+        index, flat = torch.tensor(rows, dtype=torch.long, device=self.cache.device), slots.reshape(-1)
+        for i in range(self.cache.config.n_layer):
+            for dense, paged in ((self.k[i], self.cache.k[i]), (self.v[i], self.cache.v[i])):
+                dense[index, :, :length] = (
+                    paged.index_select(1, flat).view(-1, f, length, paged.shape[-1]).transpose(0, 1)
+                )

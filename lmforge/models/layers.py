@@ -289,10 +289,12 @@ class Attention(nn.Module):
         return y.transpose(1, 2)  # (B, T, nh, hs)
 
     def _attend_cached(self, q, k, v, cache, batch: CacheBatch) -> torch.Tensor:
-        k_cache, v_cache = cache  # (nkv, slots, hs)
+        k_cache, v_cache, *dense = cache  # (nkv, slots, hs) each, then the dense copies if batch.dense
         k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
         if not batch.prefills and batch.decode_single is None and batch.decode_rows is not None:
+            if dense:
+                return self._attend_dense(q, k, v, *dense, batch)
             return self._attend_decodes(q, k_cache, v_cache, batch)  # every row a decode: no scatter into y
         y = torch.empty_like(q)  # (N, nh, hs)
         for seq in batch.prefills:
@@ -300,18 +302,23 @@ class Attention(nn.Module):
         if batch.decode_single is not None:
             seq = batch.decode_single
             y[seq.start] = self._attend_seq(q[seq.start : seq.end], k_cache, v_cache, seq)[0]
+        elif dense:
+            y = self._attend_dense(q, k, v, *dense, batch, y)
         elif batch.decode_rows is not None:
             y[batch.decode_rows] = self._attend_decodes(q[batch.decode_rows], k_cache, v_cache, batch)
         return y
 
-    def _attend_decodes(self, q: torch.Tensor, k_cache, v_cache, batch: CacheBatch) -> torch.Tensor:
-        """The decode sequences' queries (Bd, nh, hs), one each, against their padded contexts at once."""
-        nkv, g, hs = self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim
-        if batch.sliding_window != self.sliding_window:  # its padding mask is the window's
+    def _check_window(self, batch: CacheBatch) -> None:
+        if batch.sliding_window != self.sliding_window:  # the decodes' padding mask is the window's
             raise ValueError(
                 f"a CacheBatch built for sliding window {batch.sliding_window} attends a layer "
                 f"with sliding window {self.sliding_window}"
             )
+
+    def _attend_decodes(self, q: torch.Tensor, k_cache, v_cache, batch: CacheBatch) -> torch.Tensor:
+        """The decode sequences' queries (Bd, nh, hs), one each, against their padded contexts at once."""
+        nkv, g, hs = self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim
+        self._check_window(batch)
         # Spelled out in the cache's own (nkv, Bd, ...) order: the gathered keys stay contiguous (SDPA would
         # want (Bd, nkv, ...) and copy them again), and grouped query heads ride in the query axis.
         qd = q.view(-1, nkv, g, hs).transpose(0, 1).reshape(-1, g, hs)  # (nkv * Bd, g, hs)
@@ -322,6 +329,25 @@ class Attention(nn.Module):
         # scale and padding mask inside the product: one op instead of bmm, mul and masked_fill
         att = torch.baddbmm(batch.decode_bias_for(nkv, g), qd, kd.transpose(1, 2), alpha=hs**-0.5).softmax(-1)
         return torch.bmm(att, vd).view(nkv, -1, g, hs).transpose(0, 1).reshape(-1, self.n_head, hs)
+
+    def _attend_dense(self, q, k, v, k_dense, v_dense, batch: CacheBatch, y=None) -> torch.Tensor:
+        """The decode tokens' attention on the dense copy of their contexts (`kv_cache.DenseDecode`): their new
+        k/v appended to it, then the rows 0..Bd-1 read as a view, (Bd * nkv, L, hs). The decode tokens' outputs
+        go into `y` (N, nh, hs) at their flat-batch rows; a new tensor when y is None (every row a decode)."""
+        plan, hs = batch.dense, self.head_dim
+        nkv, g = self.n_kv_head, self.n_head // self.n_kv_head
+        self._check_window(batch)
+        for new, dense in ((k, k_dense), (v, v_dense)):
+            dense.view(-1, hs).index_copy_(0, plan.append, new.index_select(0, plan.order).view(-1, hs))
+        bd, length, capacity = plan.order.numel(), plan.length, k_dense.shape[2]
+        kd = k_dense[:bd].view(bd * nkv, capacity, hs)[:, :length]
+        vd = v_dense[:bd].view(bd * nkv, capacity, hs)[:, :length]
+        qd = q.index_select(0, plan.order).view(bd * nkv, g, hs)  # query heads grouped by their kv head
+        att = torch.baddbmm(batch.decode_bias_for_rows(nkv, g), qd, kd.transpose(1, 2), alpha=hs**-0.5)
+        out = torch.bmm(att.softmax(-1), vd).view(bd, self.n_head, hs)
+        if y is None:
+            y = torch.empty_like(q)
+        return y.index_copy_(0, plan.order, out)
 
     def _attend_seq(self, q: torch.Tensor, k_cache, v_cache, seq: SeqSlice) -> torch.Tensor:
         """One sequence's t new queries (t, nh, hs) against its ctx_len cached keys."""

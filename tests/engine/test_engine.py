@@ -26,8 +26,12 @@ def alone(model, prompt, params):
         EngineConfig(kv_cache_mb=4, max_num_batched_tokens=16),  # chunked prefill alongside decodes
         EngineConfig(kv_cache_mb=4, max_num_seqs=3),  # queueing
         EngineConfig(kv_cache_mb=0.05, block_size=4),  # 400 slots for ~1,100 tokens: preemption
+        # the same with the decodes' dense copy roomy (preempted sequences come back and are copied in again),
+        # and with no copy at all (every step gathers from the paged cache)
+        EngineConfig(kv_cache_mb=0.05, block_size=4, dense_decode_mb=4),
+        EngineConfig(kv_cache_mb=4, dense_decode_mb=0),
     ],
-    ids=["plain", "chunked", "few-seqs", "preempting"],
+    ids=["plain", "chunked", "few-seqs", "preempting", "preempting-dense", "gather"],
 )
 def test_batched_greedy_equals_alone(tiny, config):
     prompts = random_prompts(12, seed=1)

@@ -21,6 +21,7 @@ from lmforge.engine.sampling import (
     SamplingTensors,
     apply_penalties,
     apply_top_k_top_p_min_p,
+    argmax_rows,
     sample,
     token_counts,
     token_mask,
@@ -372,3 +373,21 @@ def test_penalties_need_counts():
     t = SamplingTensors.from_params([SamplingParams(presence_penalty=1.0)], CPU)
     with pytest.raises(ValueError, match="output_counts"):
         sample(torch.randn(1, 10), t, [None])
+
+
+@pytest.mark.parametrize("width", [49152, 32000, 50257, 4096, 4095, 1000])
+def test_argmax_rows_equals_torch_argmax_ties_included(width):
+    """The chunked argmax gives torch.argmax's index (first maximum on ties) for vocabulary widths that split
+    into 1,024-wide chunks exactly, leave a tail, or are too narrow to chunk."""
+    gen = torch.Generator().manual_seed(width)
+    rows = torch.randint(0, 50, (12, width), generator=gen).float()  # many ties of the row maximum
+    rows[0] = 7.0  # all equal: index 0
+    rows[1, -1] = 100.0  # the maximum in the last position (the tail, when there is one)
+    rows[2] = float("-inf")
+    rows[2, width // 2] = 0.0
+    rows[3, 1500 % width] = rows[3, -3] = 99.0  # a tie between an early chunk and a late one
+    rows[4] = torch.randn(width, generator=gen)
+    rows[5, 17] = float("nan")  # NaN counts as the maximum, as in torch.argmax
+    expected = rows.argmax(dim=-1)
+    assert argmax_rows(rows).tolist() == expected.tolist()
+    assert argmax_rows(rows[4:6]).tolist() == expected[4:6].tolist()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lmforge.models.config import config_from_hf
 from lmforge.models.convert import hf_to_lmforge
 from lmforge.models.gpt import build_model
-from lmforge.models.kv_cache import CacheBatch, KVCache
+from lmforge.models.kv_cache import CacheBatch, DenseDecode, KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,6 +164,55 @@ def test_batched_decodes_match_full_forward(pair):
         assert_close(torch.stack(outs[i]), refs[i][prompt[i] :])
 
 
+@pytest.mark.parametrize("room", ["roomy", "tight"])
+def test_dense_decode_copy_matches_full_forward(pair, room):
+    """Decodes attending the dense copy (DenseDecode) equal the plain causal forward of each sequence while the
+    batch changes under it: a sequence joins with its prompt prefilled beside the decodes, others finish and
+    their rows are refilled by moved sequences, the copy grows with the contexts; and, tight, once the
+    contexts outgrow the copy's limit the step goes back to gathering from the paged cache."""
+    hf, ours = pair
+    cfg = ours.config
+    gen = torch.Generator().manual_seed(4)
+    lens, prompt, joins = [100, 40, 75, 60, 52], [9, 3, 17, 30, 5], [0, 0, 0, 12, 30]
+    seqs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in lens]
+    with torch.no_grad():
+        refs = [hf(s[None]).logits[0] for s in seqs]
+    cache, window = KVCache(cfg, num_blocks=96, block_size=4), cfg.sliding_window
+    per_token = KVCache.bytes_per_token(cfg)
+    dense = DenseDecode(cache, 2**30 if room == "roomy" else 8 * 64 * per_token)
+    perm, tables = torch.randperm(96, generator=gen).tolist(), []
+    for n in lens:  # scattered blocks
+        tables.append(perm[: -(-n // 4)])
+        perm = perm[-(-n // 4) :]
+    done, outs, used, step = [0] * 5, [[] for _ in range(5)], [], 0
+    with torch.no_grad():
+        while live := [i for i in range(5) if joins[i] <= step and done[i] < lens[i]]:
+            new = [prompt[i] if done[i] == 0 else 1 for i in live]
+            batch = CacheBatch.build(
+                [tables[i] for i in live], [done[i] for i in live], new, 4, sliding_window=window
+            )
+            dense.plan([i for i, n in zip(live, new, strict=True) if n == 1], batch)
+            used.append((new.count(1), batch.dense is not None))
+            assert dense.nbytes <= dense.limit_bytes
+            ids = torch.cat([seqs[i][done[i] : done[i] + n] for i, n in zip(live, new, strict=True)])
+            pos = torch.cat([torch.arange(done[i], done[i] + n) for i, n in zip(live, new, strict=True)])
+            logits = ours(ids, positions=pos, cache=cache, batch=batch)
+            start = 0
+            for i, n in zip(live, new, strict=True):
+                outs[i].append(logits[start : start + n])
+                start += n
+                done[i] += n
+            step += 1
+    for out, ref in zip(outs, refs, strict=True):
+        assert_close(torch.cat(out), ref)
+    if room == "roomy":  # every step with two or more decodes used the copy, which grew past 64 positions
+        assert all(on == (decodes >= 2) for decodes, on in used)
+        assert dense.shape[1] >= 100 and dense.nbytes == dense.shape[0] * dense.shape[1] * per_token
+    else:  # the copy until 8 rows' contexts passed 64 positions, then the gather until fewer rows fit again
+        assert any(on for _, on in used)
+        assert any(decodes >= 2 and not on for decodes, on in used[used.index((3, True)) :])
+
+
 @pytest.mark.parametrize("pair", ["mistral-window"], indirect=True)
 def test_a_batch_built_without_the_models_window_is_refused(pair):
     _, ours = pair
@@ -192,3 +241,39 @@ def test_cache_batch_views_only_truly_consecutive_blocks():
     assert not swapped.contiguous
     assert swapped.slots.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
     assert CacheBatch.build([[4, 5, 6]], [9], [1], block_size=4).decode_single.contiguous
+
+
+def test_dense_decode_keeps_rows_and_copies_in_only_joiners_and_movers():
+    """A sequence decoding step after step keeps its row (no copy); a finished one's row is taken by the
+    sequence in the row past the new batch size (copied in again); one whose context did not advance by
+    exactly one token since (recomputed after preemption) is copied in again."""
+    cfg = config_from_hf({"model_type": "llama", **TINY, "num_key_value_heads": 2})
+    cache = KVCache(cfg, num_blocks=16, block_size=4)
+    dense = DenseDecode(cache, 2**20)
+    copied = []
+    copy_in = dense._copy_in
+    dense._copy_in = lambda rows, slots: (copied.append(sorted(rows)), copy_in(rows, slots))
+    tables = {s: [2 * i, 2 * i + 1, 8 + i] for i, s in enumerate("abcd")}
+
+    def step(ctx):  # ctx: sequence -> its context length this step (one new token each)
+        batch = CacheBatch.build([tables[s] for s in ctx], [n - 1 for n in ctx.values()], [1] * len(ctx), 4)
+        dense.plan(list(ctx), batch)
+        assert batch.dense is not None
+        rows = [dense.rows[s] for s in ctx]
+        assert batch.dense.order.tolist() == sorted(range(len(ctx)), key=lambda j: rows[j])
+        return dict(dense.rows)
+
+    assert step({"a": 5, "b": 6, "c": 7, "d": 8}) == {"a": 0, "b": 1, "c": 2, "d": 3}
+    assert step({"a": 6, "c": 8, "d": 9}) == {"a": 0, "c": 2, "d": 1}  # b finished: d moves into its row
+    assert step({"a": 7, "c": 9, "d": 10}) == {"a": 0, "c": 2, "d": 1}
+    assert step({"a": 5, "c": 10, "d": 11}) == {
+        "a": 0,
+        "c": 2,
+        "d": 1,
+    }  # a recomputed: same row, copied again
+    assert copied == [[0, 1, 2, 3], [1], [0]]
+    batch = CacheBatch.build(
+        [tables["c"]], [10], [1], 4
+    )  # one decode: the single-sequence path, rows forgotten
+    dense.plan(["c"], batch)
+    assert batch.dense is None and dense.rows == {}
