@@ -216,8 +216,8 @@ class LLMEngine:
             sched.block_tables, sched.num_cached, sched.num_new, self.cache.block_size, self.device,
             self.model_config.sliding_window,
         )  # fmt: skip
-        self.dense.plan([s.request_id for s in scheduled if s.num_new_tokens == 1], batch)
         try:
+            self.dense.plan([s.request_id for s in scheduled if s.num_new_tokens == 1], batch)
             with self._adapters(token_loras), packed_weights():
                 logits = self.model(
                     torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -227,7 +227,7 @@ class LLMEngine:
                     logits_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
                 )
         except BaseException:
-            self.dense.clear()  # some layers may have appended this step's tokens and others not
+            self.dense.clear()  # its rows may hold part of this step (copy-ins, some layers' appends)
             raise
         tokens = self._sample(logits, sampled) if sampled else {}
 
