@@ -207,9 +207,8 @@ class DensePlan:
     k: list[torch.Tensor]  # per layer (rows, n_kv_head, capacity, head_dim)
     v: list[torch.Tensor]
     order: torch.Tensor  # (Bd,) long
-    append: (
-        torch.Tensor
-    )  # (Bd * n_kv_head,) long: where row r's new k/v go in the copy viewed as (-1, head_dim)
+    # (Bd * n_kv_head,) long: where each row's new key (value) goes in the copy viewed as (-1, head_dim)
+    append: torch.Tensor
     length: int  # context positions attended: the longest decode context
 
 
@@ -295,9 +294,9 @@ class DenseDecode:
         return kept
 
     def _fits(self, rows: int, tokens: int) -> bool:
-        """Make room for `rows` rows of `tokens` positions: rows in eights, positions growing by half again in
-        multiples of 64 (or as many as the limit allows); False, with the copy released, when the need itself
-        is over the limit."""
+        """Make room for `rows` rows of `tokens` positions, within the limit: rows in eights (or exactly), and
+        positions, when they run out, grown by half again in multiples of 64 (or as many as fit). False, with
+        the copy released, when the need itself is over the limit."""
         have_rows, have_tokens = self.shape
         if rows <= have_rows and tokens <= have_tokens:
             return True
@@ -305,27 +304,37 @@ class DenseDecode:
         want_rows = max(have_rows, -(-rows // 8) * 8)
         if want_rows * tokens * per_token > self.limit_bytes:
             want_rows = max(have_rows, rows)
-        most = self.limit_bytes // (want_rows * per_token)  # positions that fit
+        most = self.limit_bytes // (want_rows * per_token)  # positions that fit in that many rows
         if most < tokens:
             self.release()
             return False
-        self._grow(want_rows, min(most, max(have_tokens, -(-max(tokens, have_tokens * 3 // 2) // 64) * 64)))
+        want_tokens = (
+            have_tokens if tokens <= have_tokens else -(-max(tokens, have_tokens * 3 // 2) // 64) * 64
+        )
+        self._grow(want_rows, min(most, want_tokens))
         return True
 
     def _grow(self, rows: int, tokens: int) -> None:
-        # zeros, not empty: padding positions are masked by -inf scores, and 0 * NaN would still be NaN
-        cfg, old_rows, old_tokens = self.cache.config, *self.shape
+        """Reallocate to (rows, tokens), keeping the rows' first positions; one layer at a time, so that the
+        old and new copies together never hold much more than the limit."""
+        cfg, (old_rows, old_tokens) = self.cache.config, self.shape
+        keep = min(
+            old_tokens, tokens
+        )  # fewer positions (more rows in the same limit): the rows' contexts fit
         shape = (rows, cfg.n_kv_head, tokens, cfg.head_dim)
-        new_k, new_v = [], []
-        for i in range(cfg.n_layer):
-            k = torch.zeros(shape, dtype=self.cache.dtype, device=self.cache.device)
-            v = torch.zeros(shape, dtype=self.cache.dtype, device=self.cache.device)
-            if old_rows:
-                k[:old_rows, :, :old_tokens] = self.k[i]
-                v[:old_rows, :, :old_tokens] = self.v[i]
-            new_k.append(k)
-            new_v.append(v)
-        self.k, self.v = new_k, new_v
+        if not self.k:
+            self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer
+        try:
+            for copies in (self.k, self.v):
+                for i, old in enumerate(copies):
+                    # zeros, not empty: padding is masked by -inf scores, but a NaN there would still spread
+                    new = torch.zeros(shape, dtype=self.cache.dtype, device=self.cache.device)
+                    if old is not None:
+                        new[:old_rows, :, :keep] = old[:, :, :keep]
+                    copies[i] = new
+        except BaseException:  # e.g. out of memory: layers of two shapes
+            self.release()
+            raise
 
     def _copy_in(self, rows: list[int], slots: torch.Tensor) -> None:
         """Copy the contexts at `slots` (F, L) (padding included: it is masked) into `rows`."""

@@ -277,3 +277,33 @@ def test_dense_decode_keeps_rows_and_copies_in_only_joiners_and_movers():
     )  # one decode: the single-sequence path, rows forgotten
     dense.plan(["c"], batch)
     assert batch.dense is None and dense.rows == {}
+
+
+def test_dense_decode_grows_and_shrinks_within_its_limit_keeping_the_rows():
+    """More rows in the same limit trade positions for rows: the copy is reallocated with fewer positions,
+    and a sequence that keeps its row keeps its context (every row equals the paged cache at its slots)."""
+    cfg = config_from_hf({"model_type": "llama", **TINY, "num_key_value_heads": 2})
+    cache = KVCache(cfg, num_blocks=400, block_size=4)
+    gen = torch.Generator().manual_seed(5)
+    for t in cache.k + cache.v:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    dense = DenseDecode(cache, 1024 * KVCache.bytes_per_token(cfg))  # 1,024 row-positions
+    tables = {s: list(range(i * 30, i * 30 + 30)) for i, s in enumerate("abcdefghijklm")}
+    copied = []
+    copy_in = dense._copy_in
+    dense._copy_in = lambda rows, slots: (copied.extend(rows), copy_in(rows, slots))
+
+    def step(ctx):
+        batch = CacheBatch.build([tables[s] for s in ctx], [n - 1 for n in ctx.values()], [1] * len(ctx), 4)
+        dense.plan(list(ctx), batch)
+        assert batch.dense is not None and dense.nbytes <= dense.limit_bytes
+        for s, n in ctx.items():  # the context before this step's token (the layers append that one)
+            slots = torch.tensor([tables[s][p // 4] * 4 + p % 4 for p in range(n - 1)])
+            for i in range(cfg.n_layer):
+                assert torch.equal(dense.k[i][dense.rows[s], :, : n - 1], cache.k[i][:, slots])
+                assert torch.equal(dense.v[i][dense.rows[s], :, : n - 1], cache.v[i][:, slots])
+
+    step({"a": 70, "b": 100})
+    assert dense.shape == (8, 128)
+    step({"a": 71, **{s: 60 for s in "cdefghijklm"}})  # 12 rows: 16 x 71 is over the limit, 12 x 85 is not
+    assert dense.shape == (12, 85) and dense.rows["a"] == 0 and sorted(copied) == [0, 1, *range(1, 12)]
