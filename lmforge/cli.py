@@ -5,6 +5,7 @@ User errors (lmforge.errors.UserError) print one line on stderr and exit with co
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Annotated
 
@@ -230,12 +231,15 @@ def serve(
     max_batched_tokens: Annotated[
         int, typer.Option(help="Token budget per step (chunks long prompts).")
     ] = 512,
-    kv_cache_mb: Annotated[float, typer.Option(help="Memory for the KV cache, in MiB.")] = 1024.0,
+    kv_cache_mb: Annotated[
+        float, typer.Option(help="Memory for the paged KV cache, in MiB (see also --dense-decode-mb).")
+    ] = 1024.0,
     dense_decode_mb: Annotated[
         float | None,
         typer.Option(
-            help="Memory, in MiB, for a dense copy of the decoding sequences' keys and values, read without "
-            "a gather each step (0: off) [default: a quarter of --kv-cache-mb]",
+            help="At most this much memory, in MiB, on top of --kv-cache-mb, for a dense copy of the decoding "
+            "sequences' keys and values, taken only while a batch fits in it; it spares batched decode "
+            "a gather per step (0: off) [default: a quarter of --kv-cache-mb]",
             show_default=False,
         ),
     ] = None,
@@ -295,12 +299,12 @@ def serve(
     checked against its tenant's budget and written to the usage ledger. Models of other servers
     (--upstreams) are forwarded and metered the same way; with --no-model the server is only that gateway.
     """
-    if batch_wait_ms < 0:
-        raise UserError(f"--batch-wait-ms must be at least 0, got {batch_wait_ms}")
-    if kv_cache_mb <= 0:
-        raise UserError(f"--kv-cache-mb must be positive, got {kv_cache_mb}")
-    if dense_decode_mb is not None and dense_decode_mb < 0:
-        raise UserError(f"--dense-decode-mb must be 0 (off) or positive, got {dense_decode_mb}")
+    if not (0 <= batch_wait_ms < math.inf):
+        raise UserError(f"--batch-wait-ms must be a number of ms, at least 0, got {batch_wait_ms}")
+    if not (0 < kv_cache_mb < math.inf):
+        raise UserError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
+    if dense_decode_mb is not None and not (0 <= dense_decode_mb < math.inf):
+        raise UserError(f"--dense-decode-mb must be 0 (off) or a positive number, got {dense_decode_mb}")
     import asyncio
     from pathlib import Path
 

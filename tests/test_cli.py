@@ -110,7 +110,15 @@ def test_unknown_model(home):
 
 
 @pytest.mark.parametrize(
-    "flag, value", [("--kv-cache-mb", "0"), ("--dense-decode-mb", "-1"), ("--batch-wait-ms", "-2")]
+    "flag, value",
+    [
+        ("--kv-cache-mb", "0"),
+        ("--kv-cache-mb", "nan"),
+        ("--dense-decode-mb", "-1"),
+        ("--dense-decode-mb", "inf"),
+        ("--batch-wait-ms", "-2"),
+        ("--batch-wait-ms", "nan"),
+    ],
 )
 def test_bad_serve_memory_and_wait_options(home, flag, value):
     assert_user_error(run("serve", "--no-auth", flag, value, home=home), flag)

@@ -12,6 +12,8 @@ LoRA adapters (`add_lora`) are served side by side over the one base model: each
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,10 +52,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be at least 1")
-        if self.kv_cache_mb <= 0:
-            raise ValueError("kv_cache_mb must be positive")
-        if self.dense_decode_mb is not None and self.dense_decode_mb < 0:
-            raise ValueError("dense_decode_mb must be 0 (off) or positive")
+        if not (0 < self.kv_cache_mb < math.inf):
+            raise ValueError(f"kv_cache_mb must be a positive number, got {self.kv_cache_mb}")
+        if self.dense_decode_mb is not None and not (0 <= self.dense_decode_mb < math.inf):
+            raise ValueError(
+                f"dense_decode_mb must be 0 (off) or a positive number, got {self.dense_decode_mb}"
+            )
 
 
 @dataclass
@@ -65,6 +69,7 @@ class _Request:
     lora: int = -1  # adapter slot in the engine's MultiLoRA; -1 = the base model
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     started: bool = False
+    serial: int = 0  # unique per request, unlike its id (reusable once finished): keys its dense-copy row
 
 
 class LLMEngine:
@@ -87,7 +92,8 @@ class LLMEngine:
             device=self.device,
         )
         dense_mb = config.kv_cache_mb / 4 if config.dense_decode_mb is None else config.dense_decode_mb
-        self.dense = DenseDecode(self.cache, int(dense_mb * 2**20))
+        self.dense = DenseDecode(self.cache, int(dense_mb * 2**20), max_rows=config.max_num_seqs)
+        self._serials = itertools.count()
         self.block_manager = BlockManager(
             self.cache.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -159,7 +165,9 @@ class LLMEngine:
         cache_salt = salt if lora is None else f"{salt}\x00lora:{lora}"
         seq = SeqState(request_id, list(prompt_ids), salt=cache_salt)
         self.scheduler.add(seq)
-        self.requests[request_id] = _Request(seq, params, stop_ids, gen, self._lora_slot(lora))
+        self.requests[request_id] = _Request(
+            seq, params, stop_ids, gen, self._lora_slot(lora), serial=next(self._serials)
+        )
 
     def abort(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
@@ -217,7 +225,9 @@ class LLMEngine:
             self.model_config.sliding_window,
         )  # fmt: skip
         try:
-            self.dense.plan([s.request_id for s in scheduled if s.num_new_tokens == 1], batch)
+            self.dense.plan(
+                [self.requests[scheduled[i].request_id].serial for i in batch.decode_index], batch
+            )
             with self._adapters(token_loras), packed_weights():
                 logits = self.model(
                     torch.tensor(ids, dtype=torch.long, device=self.device),

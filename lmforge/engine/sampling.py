@@ -212,7 +212,8 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     (0.13 ms). The first chunk holding the row's maximum holds its first occurrence."""
     rows, width = x.shape
     n = width // ARGMAX_CHUNK
-    if x.device.type != "cpu" or n < 4:
+    # one row, or under 4 chunks: the extra ops cost more than the scalar loop (0.15 vs 0.07 ms at 1 x 49,152)
+    if x.device.type != "cpu" or rows < 2 or n < 4:
         return x.argmax(dim=-1)
     x = x.contiguous()
     head = x[:, : n * ARGMAX_CHUNK].view(rows, n, ARGMAX_CHUNK)

@@ -94,10 +94,10 @@ class CacheBatch:
     )  # sequences with > 1 new token, attended one by one
     decode_rows: torch.Tensor | None = None  # (Bd,) long: positions in the flat batch of the decode tokens
     decode_slots: torch.Tensor | None = None  # (Bd, Lmax) long: padded context slots of each decode sequence
-    decode_bias: torch.Tensor | None = (
-        None  # (Bd, 1, Lmax) float: -inf where a slot is padding (or out of window)
-    )
+    # (Bd, 1, Lmax) float32: -inf where a slot is padding (or out of window); batch order (DensePlan.bias: rows')
+    decode_bias: torch.Tensor | None = None
     decode_single: SeqSlice | None = None  # the lone decode sequence when Bd == 1 (no padding, maybe a view)
+    decode_index: list[int] = field(default_factory=list)  # which of build()'s sequences decode, in order
     decode_ctx: list[int] = field(default_factory=list)  # context length of each decode sequence
     dense: DensePlan | None = None  # set by DenseDecode.plan: the decodes attend the dense copy
     sliding_window: int | None = None
@@ -122,13 +122,15 @@ class CacheBatch:
             [],
         )  # decodes: (table, ctx_len, row) of the one-token sequences
         start = 0
-        for table, cached, new in zip(block_tables, num_cached, num_new, strict=True):
+        decode_index = []
+        for i, (table, cached, new) in enumerate(zip(block_tables, num_cached, num_new, strict=True)):
             ctx = cached + new
             if len(table) * block_size < ctx:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
             if new == 1:  # the new token's slot only; the context's slots are built for all decodes at once
                 slot_parts.append([table[(ctx - 1) // block_size] * block_size + (ctx - 1) % block_size])
                 decodes.append((table, ctx, start))
+                decode_index.append(i)
             else:
                 seq = _seq_slice(table, ctx, start, new, block_size, device)
                 slot_parts.append(seq.slots[cached:].tolist())
@@ -139,6 +141,7 @@ class CacheBatch:
                 [s for part in slot_parts for s in part], dtype=torch.long, device=device
             ),
             prefills=prefills,
+            decode_index=decode_index,
             sliding_window=sliding_window,
         )
         if len(decodes) == 1:
@@ -164,25 +167,14 @@ class CacheBatch:
             batch.decode_bias = bias[:, None, :].to(device)
         return batch
 
-    def decode_bias_for(self, n_kv_head: int, group: int) -> torch.Tensor:
-        """decode_bias laid out as the decode attention's scores, (n_kv_head * Bd, group, Lmax): made on the
-        first layer's call, the same for every layer of the step."""
-        key = (n_kv_head, group)
+    def decode_bias_for(self, n_kv_head: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """decode_bias laid out as the decode attention's scores, (n_kv_head * Bd, group, Lmax), in the
+        model's dtype: made on the first layer's call, the same for every layer of the step."""
+        key = (n_kv_head, group, dtype)
         if key not in self._bias_cache:
             bd, _, lmax = self.decode_bias.shape
-            self._bias_cache[key] = (
-                self.decode_bias[None].expand(n_kv_head, bd, group, lmax).reshape(-1, group, lmax)
-            )
-        return self._bias_cache[key]
-
-    def decode_bias_for_rows(self, n_kv_head: int, group: int) -> torch.Tensor:
-        """decode_bias laid out as the dense decode attention's scores, (Bd * n_kv_head, group, Lmax)."""
-        key = ("rows", n_kv_head, group)
-        if key not in self._bias_cache:
-            bd, _, lmax = self.decode_bias.shape
-            self._bias_cache[key] = (
-                self.decode_bias[:, None].expand(bd, n_kv_head, group, lmax).reshape(-1, group, lmax)
-            )
+            expanded = self.decode_bias[None].expand(n_kv_head, bd, group, lmax)
+            self._bias_cache[key] = expanded.reshape(-1, group, lmax).to(dtype)
         return self._bias_cache[key]
 
     @property
@@ -202,7 +194,7 @@ def _seq_slice(table: list[int], ctx: int, start: int, new: int, block_size: int
 @dataclass
 class DensePlan:
     """One step's use of the dense copy (`DenseDecode.plan`): the decode sequence in row r of the copy (rows
-    0..Bd-1) is token `order[r]` of the flat batch, and the batch's decode_bias is in row order."""
+    0..Bd-1) is token `order[r]` of the flat batch."""
 
     k: list[torch.Tensor]  # per layer (rows, n_kv_head, capacity, head_dim)
     v: list[torch.Tensor]
@@ -210,6 +202,18 @@ class DensePlan:
     # (Bd * n_kv_head,) long: where each row's new key (value) goes in the copy viewed as (-1, head_dim)
     append: torch.Tensor
     length: int  # context positions attended: the longest decode context
+    bias: torch.Tensor  # (Bd, 1, length): the batch's decode_bias in row order
+    _bias_cache: dict = field(default_factory=dict, repr=False)
+
+    def bias_for(self, n_kv_head: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """The bias laid out as the dense decode attention's scores, (Bd * n_kv_head, group, length): made on
+        the first layer's call, the same for every layer of the step."""
+        key = (n_kv_head, group, dtype)
+        if key not in self._bias_cache:
+            bd, _, length = self.bias.shape
+            expanded = self.bias[:, None].expand(bd, n_kv_head, group, length)
+            self._bias_cache[key] = expanded.reshape(-1, group, length).to(dtype)
+        return self._bias_cache[key]
 
 
 class DenseDecode:
@@ -217,124 +221,130 @@ class DenseDecode:
     (rows, n_kv_head, capacity, head_dim): the rows 0..Bd-1 of a step, sliced to the longest context, are a
     strided view that the score and value products read directly.
 
-    The engine calls `plan` every step with its decode sequences. A sequence keeps its row while it decodes
-    step after step (the layers append its new token); one that joins, or moves to fill a row that a finished
-    one left, is copied in from the paged storage once. Anything else (a step that does not decode two or
-    more sequences, a failed step) forgets the rows: they are copied in again when needed. The copy's memory
-    is bounded by `limit_bytes`; a batch that would not fit attends by gathering, as it would without one."""
+    The engine calls `plan` every step with its decode sequences, each under a key unique to its request (not
+    its id, which a later request may reuse). A sequence keeps its row while it decodes step after step (the
+    layers append its new token). One that joins, moves into the row a finished one left, or whose context did
+    not grow by exactly one token since its last step (recomputed), is copied in from the paged storage. A step
+    that does not decode two or more sequences, or that failed, forgets the rows.
 
-    def __init__(self, cache: KVCache, limit_bytes: int) -> None:
-        self.cache, self.limit_bytes = cache, limit_bytes
-        self.k: list[torch.Tensor] = []
+    Memory: one flat buffer per layer (zeroed once: padding is masked by -inf scores, but a NaN there would
+    still spread), viewed as (rows, capacity) for the batch at hand: rows in eights (at most max_rows), and
+    positions grown by half again in multiples of 64. It grows as batches need, up to `limit_bytes`, and is
+    kept: a batch that does not fit attends by gathering, without freeing anything, and a later one that fits
+    uses it again. A new layout re-views the buffer and copies every row in again (one gather's work)."""
+
+    def __init__(self, cache: KVCache, limit_bytes: int, max_rows: int | None = None) -> None:
+        self.cache, self.limit_bytes, self.max_rows = cache, limit_bytes, max_rows
+        cfg = cache.config
+        self._per_position = cfg.n_kv_head * cfg.head_dim  # elements of one row-position, one layer, k or v
+        self._flat: list[torch.Tensor] = []  # 2 * n_layer buffers: the layers' keys, then their values
+        self.k: list[torch.Tensor] = []  # per layer, views of the buffers
         self.v: list[torch.Tensor] = []
-        self.rows: dict[object, int] = {}  # sequence -> its row
-        self._filled: dict[object, int] = {}  # sequence -> context positions its row holds after the step
+        self.rows: dict[object, int] = {}  # sequence key -> its row
+        self._filled: dict[object, int] = {}  # sequence key -> context positions its row holds after the step
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(rows, capacity in tokens) allocated; (0, 0) when none."""
+        """(rows, capacity in positions) of the current layout; (0, 0) when none."""
         return (self.k[0].shape[0], self.k[0].shape[2]) if self.k else (0, 0)
 
     @property
     def nbytes(self) -> int:
-        rows, capacity = self.shape
-        return rows * capacity * KVCache.bytes_per_token(self.cache.config, self.cache.dtype)
+        """Memory held (the buffers, whatever the layout)."""
+        return sum(t.numel() * t.element_size() for t in self._flat)
 
     def clear(self) -> None:
-        """Forget what the rows hold (the memory stays allocated)."""
+        """Forget what the rows hold."""
         self.rows, self._filled = {}, {}
 
-    def release(self) -> None:
-        self.clear()
-        self.k, self.v = [], []
-
-    def plan(self, seq_ids: list[object], batch: CacheBatch) -> None:
-        """Set up `batch` (built with `seq_ids` as its decode sequences, in its order) to attend the copy:
-        grow it if needed, copy in the sequences that have no row yet, and set `batch.dense`. Leaves the batch
-        to gather when it has fewer than two decodes or the copy would outgrow its limit."""
-        if batch.decode_slots is None or not self._fits(len(seq_ids), max(batch.decode_ctx)):
+    def plan(self, keys: list[object], batch: CacheBatch) -> None:
+        """Set up `batch` to attend the copy, `keys` naming its decode sequences in the batch's order: lay the
+        copy out for them, copy in the ones without a row, and set `batch.dense`. Leaves the batch to gather
+        when it has fewer than two decodes or its copy would not fit the limit."""
+        if (
+            self.limit_bytes <= 0
+            or batch.decode_slots is None
+            or not self._make_room(len(keys), max(batch.decode_ctx))
+        ):
             self.clear()
             return
-        ctx = batch.decode_ctx
-        bd = len(seq_ids)
-        rows = self._kept(seq_ids, ctx)
+        ctx, bd = batch.decode_ctx, len(keys)
+        rows = self._kept(keys, ctx)
         free = iter(sorted(set(range(bd)) - set(rows.values())))
         fill_rows, fill_seqs = [], []
-        for j, s in enumerate(seq_ids):
-            if s not in rows:
-                rows[s] = next(free)
-                fill_rows.append(rows[s])
+        for j, key in enumerate(keys):
+            if key not in rows:
+                rows[key] = next(free)
+                fill_rows.append(rows[key])
                 fill_seqs.append(j)
         self.rows = rows
-        self._filled = {s: ctx[j] for j, s in enumerate(seq_ids)}
+        self._filled = {key: ctx[j] for j, key in enumerate(keys)}
         if fill_rows:
             self._copy_in(fill_rows, batch.decode_slots[fill_seqs])
         by_row = [0] * bd
-        for j, s in enumerate(seq_ids):
-            by_row[rows[s]] = j
+        for j, key in enumerate(keys):
+            by_row[rows[key]] = j
         index = torch.tensor(by_row, dtype=torch.long)
         capacity, nkv = self.shape[1], self.cache.config.n_kv_head
         last = torch.tensor(ctx, dtype=torch.long)[index] - 1  # each row's new position
         append = (torch.arange(bd)[:, None] * nkv + torch.arange(nkv)) * capacity + last[:, None]
-        device = self.cache.device
-        batch.decode_bias = batch.decode_bias[index.to(device)]
+        index, device = index.to(self.cache.device), self.cache.device
         batch.dense = DensePlan(
-            self.k, self.v, batch.decode_rows[index.to(device)], append.view(-1).to(device), max(ctx)
+            self.k,
+            self.v,
+            order=batch.decode_rows[index],
+            append=append.view(-1).to(device),
+            length=max(ctx),
+            bias=batch.decode_bias[index],
         )
 
-    def _kept(self, seq_ids: list[object], ctx: list[int]) -> dict[object, int]:
+    def _kept(self, keys: list[object], ctx: list[int]) -> dict[object, int]:
         """The rows that stay where they are: sequences decoding again whose row holds their context up to
         this step's token, in a row below the batch size."""
-        bd = len(seq_ids)
         kept = {}
-        for j, s in enumerate(seq_ids):
-            r = self.rows.get(s)
-            if r is not None and r < bd and self._filled[s] == ctx[j] - 1:
-                kept[s] = r
+        for j, key in enumerate(keys):
+            r = self.rows.get(key)
+            if r is not None and r < len(keys) and self._filled[key] == ctx[j] - 1:
+                kept[key] = r
         return kept
 
-    def _fits(self, rows: int, tokens: int) -> bool:
-        """Make room for `rows` rows of `tokens` positions, within the limit: rows in eights (or exactly), and
-        positions, when they run out, grown by half again in multiples of 64 (or as many as fit). False, with
-        the copy released, when the need itself is over the limit."""
+    def _make_room(self, rows: int, tokens: int) -> bool:
+        """Lay the copy out for `rows` rows of `tokens` positions, growing its buffers if needed; False when
+        that is over the limit (the buffers stay as they are)."""
         have_rows, have_tokens = self.shape
         if rows <= have_rows and tokens <= have_tokens:
             return True
-        per_token = KVCache.bytes_per_token(self.cache.config, self.cache.dtype)
-        want_rows = max(have_rows, -(-rows // 8) * 8)
-        if want_rows * tokens * per_token > self.limit_bytes:
-            want_rows = max(have_rows, rows)
-        most = self.limit_bytes // (want_rows * per_token)  # positions that fit in that many rows
-        if most < tokens:
-            self.release()
+        itemsize = torch.empty((), dtype=self.cache.dtype).element_size()
+        fit = self.limit_bytes // (2 * self.cache.config.n_layer * self._per_position * itemsize)  # positions
+        want_rows = -(-rows // 8) * 8
+        if self.max_rows:
+            want_rows = min(want_rows, max(self.max_rows, rows))
+        if want_rows * tokens > fit:
+            want_rows = rows
+        if want_rows * tokens > fit:
             return False
-        want_tokens = (
-            have_tokens if tokens <= have_tokens else -(-max(tokens, have_tokens * 3 // 2) // 64) * 64
-        )
-        self._grow(want_rows, min(most, want_tokens))
+        target = have_tokens if tokens <= have_tokens else -(-max(tokens, have_tokens * 3 // 2) // 64) * 64
+        self._layout(want_rows, min(fit // want_rows, target))
         return True
 
-    def _grow(self, rows: int, tokens: int) -> None:
-        """Reallocate to (rows, tokens), keeping the rows' first positions; one layer at a time, so that the
-        old and new copies together never hold much more than the limit."""
-        cfg, (old_rows, old_tokens) = self.cache.config, self.shape
-        keep = min(
-            old_tokens, tokens
-        )  # fewer positions (more rows in the same limit): the rows' contexts fit
-        shape = (rows, cfg.n_kv_head, tokens, cfg.head_dim)
-        if not self.k:
-            self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer
-        try:
-            for copies in (self.k, self.v):
-                for i, old in enumerate(copies):
-                    # zeros, not empty: padding is masked by -inf scores, but a NaN there would still spread
-                    new = torch.zeros(shape, dtype=self.cache.dtype, device=self.cache.device)
-                    if old is not None:
-                        new[:old_rows, :, :keep] = old[:, :, :keep]
-                    copies[i] = new
-        except BaseException:  # e.g. out of memory: layers of two shapes
-            self.release()
-            raise
+    def _layout(self, rows: int, tokens: int) -> None:
+        """View the buffers as (rows, n_kv_head, tokens, head_dim), growing them first if they are too small;
+        what the rows held is forgotten (they are copied in again)."""
+        cfg, need = self.cache.config, rows * tokens * self._per_position
+        self.clear()
+        self.k, self.v = [], []
+        if not self._flat or self._flat[0].numel() < need:
+            old, self._flat = self._flat, []
+            try:
+                for i in range(2 * cfg.n_layer):
+                    if old:
+                        old[i] = None  # freed before its successor is made: never both copies whole
+                    self._flat.append(torch.zeros(need, dtype=self.cache.dtype, device=self.cache.device))
+            except BaseException:  # e.g. out of memory: no copy at all
+                self._flat = []
+                raise
+        views = [b[:need].view(rows, cfg.n_kv_head, tokens, cfg.head_dim) for b in self._flat]
+        self.k, self.v = views[: cfg.n_layer], views[cfg.n_layer :]
 
     def _copy_in(self, rows: list[int], slots: torch.Tensor) -> None:
         """Copy the contexts at `slots` (F, L) (padding included: it is masked) into `rows`."""

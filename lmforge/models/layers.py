@@ -327,7 +327,8 @@ class Attention(nn.Module):
         kd = k_cache.index_select(1, slots).view(shape)  # (nkv * Bd, L, hs)
         vd = v_cache.index_select(1, slots).view(shape)
         # scale and padding mask inside the product: one op instead of bmm, mul and masked_fill
-        att = torch.baddbmm(batch.decode_bias_for(nkv, g), qd, kd.transpose(1, 2), alpha=hs**-0.5).softmax(-1)
+        att = torch.baddbmm(batch.decode_bias_for(nkv, g, q.dtype), qd, kd.transpose(1, 2), alpha=hs**-0.5)
+        att = att.softmax(-1)
         return torch.bmm(att, vd).view(nkv, -1, g, hs).transpose(0, 1).reshape(-1, self.n_head, hs)
 
     def _attend_dense(self, q, k, v, k_dense, v_dense, batch: CacheBatch, y=None) -> torch.Tensor:
@@ -343,7 +344,7 @@ class Attention(nn.Module):
         kd = k_dense[:bd].view(bd * nkv, capacity, hs)[:, :length]
         vd = v_dense[:bd].view(bd * nkv, capacity, hs)[:, :length]
         qd = q.index_select(0, plan.order).view(bd * nkv, g, hs)  # query heads grouped by their kv head
-        att = torch.baddbmm(batch.decode_bias_for_rows(nkv, g), qd, kd.transpose(1, 2), alpha=hs**-0.5)
+        att = torch.baddbmm(plan.bias_for(nkv, g, q.dtype), qd, kd.transpose(1, 2), alpha=hs**-0.5)
         out = torch.bmm(att.softmax(-1), vd).view(bd, self.n_head, hs)
         if y is None:
             y = torch.empty_like(q)

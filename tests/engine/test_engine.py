@@ -2,16 +2,19 @@
 chunking, preemption or prefix caching."""
 
 import asyncio
+import random
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.engine import AsyncEngine, EngineConfig, EngineDraining, EngineOverloaded, LLMEngine
 from lmforge.engine.generate import generate
 from lmforge.engine.types import SamplingParams
 from lmforge.errors import UserError
+from lmforge.models.gpt import build_model
 from tests.engine.conftest import random_prompts
 
 
@@ -42,6 +45,38 @@ def test_batched_greedy_equals_alone(tiny, config):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     if config.kv_cache_mb < 0.1:
         assert engine.scheduler.num_preemptions > 0
+
+
+def test_a_reused_request_id_never_attends_the_finished_requests_dense_row(tiny):
+    """X finishes and a new X starts at once, its prompt prefix-cached but for its last token (so its first step
+    is a one-token decode) and one token longer than the old X's context: it must not be taken for the old X
+    decoding on (its row in the decodes' dense copy is keyed by request, not by id)."""
+    rng = random.Random(3)
+    old_x, shared, companion = ([rng.randrange(97) for _ in range(n)] for n in (4, 12, 6))
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    engine = LLMEngine(tiny, EngineConfig(kv_cache_mb=4, block_size=4))
+    engine.generate([shared], greedy(1))  # its first 8 tokens become cached blocks
+    engine.add_request("B", companion, greedy(40))  # so that steps decode two or more sequences
+    engine.add_request("X", old_x, greedy(5))
+    new_x, got, reused = shared[:8] + [5], [], False
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.request_id == "X" and reused:
+                got += out.new_token_ids
+            elif out.request_id == "X" and out.finished:
+                engine.add_request("X", new_x, greedy(6))
+                reused = True
+    assert reused and got == alone(tiny, new_x, greedy(6))
+
+
+@pytest.mark.parametrize("dense_decode_mb", [0, None], ids=["gather", "dense"])
+def test_bf16_batched_decode_equals_alone(tiny, dense_decode_mb):
+    """The batched decode paths in bfloat16 (the padding bias in the model's dtype)."""
+    model = build_model(tiny.config, tiny.state_dict(), dtype=torch.bfloat16).eval()
+    prompts = random_prompts(4, seed=5)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    config = EngineConfig(kv_cache_mb=4, pack_weights=False, dense_decode_mb=dense_decode_mb)
+    assert LLMEngine(model, config).generate(prompts, params) == [alone(model, p, params) for p in prompts]
 
 
 def test_seeded_sampling_in_batch_equals_alone(tiny):

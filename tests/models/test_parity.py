@@ -179,7 +179,7 @@ def test_dense_decode_copy_matches_full_forward(pair, room):
         refs = [hf(s[None]).logits[0] for s in seqs]
     cache, window = KVCache(cfg, num_blocks=96, block_size=4), cfg.sliding_window
     per_token = KVCache.bytes_per_token(cfg)
-    dense = DenseDecode(cache, 2**30 if room == "roomy" else 8 * 64 * per_token)
+    dense = DenseDecode(cache, 2**30 if room == "roomy" else 192 * per_token)
     perm, tables = torch.randperm(96, generator=gen).tolist(), []
     for n in lens:  # scattered blocks
         tables.append(perm[: -(-n // 4)])
@@ -207,10 +207,10 @@ def test_dense_decode_copy_matches_full_forward(pair, room):
         assert_close(torch.cat(out), ref)
     if room == "roomy":  # every step with two or more decodes used the copy, which grew past 64 positions
         assert all(on == (decodes >= 2) for decodes, on in used)
-        assert dense.shape[1] >= 100 and dense.nbytes == dense.shape[0] * dense.shape[1] * per_token
-    else:  # the copy until 8 rows' contexts passed 64 positions, then the gather until fewer rows fit again
-        assert any(on for _, on in used)
-        assert any(decodes >= 2 and not on for decodes, on in used[used.index((3, True)) :])
+        assert dense.shape[1] >= 100 and dense.nbytes >= dense.shape[0] * dense.shape[1] * per_token
+    else:  # 192 row-positions: the copy while the decodes' rows x longest context fit, else the gather
+        off_on = sum(a[0] >= 2 and not a[1] and b[1] for a, b in zip(used, used[1:], strict=False))
+        assert (5, False) in used and (4, True) in used and off_on >= 2  # back on after each gathering spell
 
 
 @pytest.mark.parametrize("pair", ["mistral-window"], indirect=True)
@@ -279,31 +279,42 @@ def test_dense_decode_keeps_rows_and_copies_in_only_joiners_and_movers():
     assert batch.dense is None and dense.rows == {}
 
 
-def test_dense_decode_grows_and_shrinks_within_its_limit_keeping_the_rows():
-    """More rows in the same limit trade positions for rows: the copy is reallocated with fewer positions,
-    and a sequence that keeps its row keeps its context (every row equals the paged cache at its slots)."""
+def test_dense_decode_lays_out_rows_and_positions_within_its_limit_and_keeps_its_memory():
+    """The copy is laid out for each batch within the limit: 8 rows of 128 positions, then 12 of 85 (more rows
+    in the same memory: every row is copied in again, from the paged cache), then 2 rows of 100 after 16 of 60
+    (fewer, longer rows). A batch over the limit gathers, and its memory stays for the next batch that fits:
+    no reallocation at the limit's edge. Every row equals the paged cache at its sequence's slots."""
     cfg = config_from_hf({"model_type": "llama", **TINY, "num_key_value_heads": 2})
-    cache = KVCache(cfg, num_blocks=400, block_size=4)
+    cache = KVCache(cfg, num_blocks=600, block_size=4)
     gen = torch.Generator().manual_seed(5)
     for t in cache.k + cache.v:
         t.copy_(torch.randn(t.shape, generator=gen))
-    dense = DenseDecode(cache, 1024 * KVCache.bytes_per_token(cfg))  # 1,024 row-positions
-    tables = {s: list(range(i * 30, i * 30 + 30)) for i, s in enumerate("abcdefghijklm")}
+    per_position = KVCache.bytes_per_token(cfg)
+    dense = DenseDecode(cache, 1024 * per_position)  # 1,024 row-positions
+    tables = {s: list(range(i * 30, i * 30 + 30)) for i, s in enumerate("abcdefghijklmnopq")}
     copied = []
     copy_in = dense._copy_in
-    dense._copy_in = lambda rows, slots: (copied.extend(rows), copy_in(rows, slots))
+    dense._copy_in = lambda rows, slots: (copied.append(sorted(rows)), copy_in(rows, slots))
 
     def step(ctx):
         batch = CacheBatch.build([tables[s] for s in ctx], [n - 1 for n in ctx.values()], [1] * len(ctx), 4)
         dense.plan(list(ctx), batch)
-        assert batch.dense is not None and dense.nbytes <= dense.limit_bytes
+        assert dense.nbytes <= dense.limit_bytes
+        if batch.dense is None:
+            return False
         for s, n in ctx.items():  # the context before this step's token (the layers append that one)
             slots = torch.tensor([tables[s][p // 4] * 4 + p % 4 for p in range(n - 1)])
             for i in range(cfg.n_layer):
                 assert torch.equal(dense.k[i][dense.rows[s], :, : n - 1], cache.k[i][:, slots])
                 assert torch.equal(dense.v[i][dense.rows[s], :, : n - 1], cache.v[i][:, slots])
+        return True
 
-    step({"a": 70, "b": 100})
-    assert dense.shape == (8, 128)
-    step({"a": 71, **{s: 60 for s in "cdefghijklm"}})  # 12 rows: 16 x 71 is over the limit, 12 x 85 is not
-    assert dense.shape == (12, 85) and dense.rows["a"] == 0 and sorted(copied) == [0, 1, *range(1, 12)]
+    assert step({"a": 70, "b": 100}) and dense.shape == (8, 128)
+    assert step({"a": 71, **{s: 60 for s in "cdefghijklm"}})  # 16 x 71 is over the limit, 12 x 85 is not
+    assert dense.shape == (12, 85) and copied == [[0, 1], list(range(12))]
+    memory = [t.data_ptr() for t in dense.k + dense.v]
+    sixteen = {s: 60 for s in "abcdefghijklmnop"}
+    assert step(sixteen) and dense.shape == (16, 64)
+    assert not step({**{s: 61 for s in sixteen}, "q": 61})  # 17 x 61 is over: gather, the memory kept
+    assert step({"a": 100, "b": 100}) and dense.shape == (8, 128)  # fewer, longer rows fit again
+    assert [t.data_ptr() for t in dense.k + dense.v] == memory and dense.nbytes == 1024 * per_position
