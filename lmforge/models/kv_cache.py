@@ -89,9 +89,8 @@ class SeqSlice:
 @dataclass
 class CacheBatch:
     slot_mapping: torch.Tensor  # (N,) long: the cache slot each new token's k/v is written to
-    prefills: list[SeqSlice] = field(
-        default_factory=list
-    )  # sequences with > 1 new token, attended one by one
+    # sequences with > 1 new token, attended one by one
+    prefills: list[SeqSlice] = field(default_factory=list)
     decode_rows: torch.Tensor | None = None  # (Bd,) long: positions in the flat batch of the decode tokens
     decode_slots: torch.Tensor | None = None  # (Bd, Lmax) long: padded context slots of each decode sequence
     # (Bd, 1, Lmax) float32: -inf where a slot is padding (or out of window); batch order (DensePlan.bias: rows')
@@ -116,11 +115,8 @@ class CacheBatch:
         """Metadata for one step: sequence i has num_cached[i] tokens in the cache and num_new[i] new ones,
         laid out in the flat batch in the order given."""
         device = torch.device(device)
-        slot_parts, prefills, decodes = (
-            [],
-            [],
-            [],
-        )  # decodes: (table, ctx_len, row) of the one-token sequences
+        # decodes: (table, ctx_len, row) of the one-token sequences
+        slot_parts, prefills, decodes = [], [], []
         start = 0
         decode_index = []
         for i, (table, cached, new) in enumerate(zip(block_tables, num_cached, num_new, strict=True)):

@@ -266,15 +266,11 @@ def test_dense_decode_keeps_rows_and_copies_in_only_joiners_and_movers():
     assert step({"a": 5, "b": 6, "c": 7, "d": 8}) == {"a": 0, "b": 1, "c": 2, "d": 3}
     assert step({"a": 6, "c": 8, "d": 9}) == {"a": 0, "c": 2, "d": 1}  # b finished: d moves into its row
     assert step({"a": 7, "c": 9, "d": 10}) == {"a": 0, "c": 2, "d": 1}
-    assert step({"a": 5, "c": 10, "d": 11}) == {
-        "a": 0,
-        "c": 2,
-        "d": 1,
-    }  # a recomputed: same row, copied again
+    # a recomputed: same row, copied again
+    assert step({"a": 5, "c": 10, "d": 11}) == {"a": 0, "c": 2, "d": 1}
     assert copied == [[0, 1, 2, 3], [1], [0]]
-    batch = CacheBatch.build(
-        [tables["c"]], [10], [1], 4
-    )  # one decode: the single-sequence path, rows forgotten
+    # one decode: the single-sequence path, rows forgotten
+    batch = CacheBatch.build([tables["c"]], [10], [1], 4)
     dense.plan(["c"], batch)
     assert batch.dense is None and dense.rows == {}
 
