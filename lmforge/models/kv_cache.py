@@ -166,12 +166,7 @@ class CacheBatch:
     def decode_bias_for(self, n_kv_head: int, group: int, dtype: torch.dtype) -> torch.Tensor:
         """decode_bias laid out as the decode attention's scores, (n_kv_head * Bd, group, Lmax), in the
         model's dtype: made on the first layer's call, the same for every layer of the step."""
-        key = (n_kv_head, group, dtype)
-        if key not in self._bias_cache:
-            bd, _, lmax = self.decode_bias.shape
-            expanded = self.decode_bias[None].expand(n_kv_head, bd, group, lmax)
-            self._bias_cache[key] = expanded.reshape(-1, group, lmax).to(dtype)
-        return self._bias_cache[key]
+        return _scores_bias(self._bias_cache, self.decode_bias, n_kv_head, group, dtype, kv_first=True)
 
     @property
     def num_tokens(self) -> int:
@@ -185,6 +180,21 @@ def _seq_slice(table: list[int], ctx: int, start: int, new: int, block_size: int
     n_blocks = -(-ctx // block_size)
     contiguous = table[:n_blocks] == list(range(table[0], table[0] + n_blocks)) if ctx else True
     return SeqSlice(start, start + new, ctx, slots.to(device), contiguous)
+
+
+def _scores_bias(
+    made: dict, bias: torch.Tensor, n_kv_head: int, group: int, dtype: torch.dtype, *, kv_first: bool
+) -> torch.Tensor:
+    """A (Bd, 1, L) padding bias laid out as decode attention scores, (n_kv_head * Bd or Bd * n_kv_head, group,
+    L) in `dtype`; made once per step and layout (`made` caches it), the same for every layer."""
+    key = (n_kv_head, group, dtype, kv_first)
+    if key not in made:
+        bd, _, length = bias.shape
+        expanded = (bias[None] if kv_first else bias[:, None]).expand(
+            *((n_kv_head, bd) if kv_first else (bd, n_kv_head)), group, length
+        )
+        made[key] = expanded.reshape(-1, group, length).to(dtype)
+    return made[key]
 
 
 @dataclass
@@ -204,12 +214,7 @@ class DensePlan:
     def bias_for(self, n_kv_head: int, group: int, dtype: torch.dtype) -> torch.Tensor:
         """The bias laid out as the dense decode attention's scores, (Bd * n_kv_head, group, length): made on
         the first layer's call, the same for every layer of the step."""
-        key = (n_kv_head, group, dtype)
-        if key not in self._bias_cache:
-            bd, _, length = self.bias.shape
-            expanded = self.bias[:, None].expand(bd, n_kv_head, group, length)
-            self._bias_cache[key] = expanded.reshape(-1, group, length).to(dtype)
-        return self._bias_cache[key]
+        return _scores_bias(self._bias_cache, self.bias, n_kv_head, group, dtype, kv_first=False)
 
 
 class DenseDecode:
@@ -231,8 +236,6 @@ class DenseDecode:
 
     def __init__(self, cache: KVCache, limit_bytes: int, max_rows: int | None = None) -> None:
         self.cache, self.limit_bytes, self.max_rows = cache, limit_bytes, max_rows
-        cfg = cache.config
-        self._per_position = cfg.n_kv_head * cfg.head_dim  # elements of one row-position, one layer, k or v
         self._flat: list[torch.Tensor] = []  # 2 * n_layer buffers: the layers' keys, then their values
         self.k: list[torch.Tensor] = []  # per layer, views of the buffers
         self.v: list[torch.Tensor] = []
@@ -310,8 +313,9 @@ class DenseDecode:
         have_rows, have_tokens = self.shape
         if rows <= have_rows and tokens <= have_tokens:
             return True
-        itemsize = torch.empty((), dtype=self.cache.dtype).element_size()
-        fit = self.limit_bytes // (2 * self.cache.config.n_layer * self._per_position * itemsize)  # positions
+        fit = self.limit_bytes // KVCache.bytes_per_token(
+            self.cache.config, self.cache.dtype
+        )  # row-positions
         want_rows = -(-rows // 8) * 8
         if self.max_rows:
             want_rows = min(want_rows, max(self.max_rows, rows))
@@ -326,7 +330,8 @@ class DenseDecode:
     def _layout(self, rows: int, tokens: int) -> None:
         """View the buffers as (rows, n_kv_head, tokens, head_dim), growing them first if they are too small;
         what the rows held is forgotten (they are copied in again)."""
-        cfg, need = self.cache.config, rows * tokens * self._per_position
+        cfg = self.cache.config
+        need = rows * tokens * cfg.n_kv_head * cfg.head_dim
         self.clear()
         self.k, self.v = [], []
         if not self._flat or self._flat[0].numel() < need:
