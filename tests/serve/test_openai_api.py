@@ -94,6 +94,40 @@ def test_chat_sync(client, engine, tokenizer):
     assert set(tokenizer.stop_ids) <= set(params.stop_token_ids)
 
 
+@pytest.mark.parametrize("chars", [20, 900, 1600])
+def test_only_long_prompts_are_tokenised_off_the_event_loop(client, engine, tokenizer, monkeypatch, chars):
+    """A short prompt is tokenised on the event loop (a worker thread costs more CPU than the work); a long one
+    on a worker thread, so it does not stall the loop's other streams. Chat and completions alike."""
+    on_loop: list[bool] = []
+    encode, encode_batch = tokenizer.encode, tokenizer.encode_batch
+
+    def running_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            on_loop.append(running_loop())
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(tokenizer, "encode", spy(encode))
+    monkeypatch.setattr(tokenizer, "encode_batch", spy(encode_batch))
+    text = ("All the world's a stage. " * 400)[:chars]
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=1)
+    client.completions.create(model=MODEL, prompt=text, max_tokens=1)
+    client.completions.create(model=MODEL, prompt=[text[: chars // 2], text[: chars // 2]], max_tokens=1)
+    inline = chars <= 1024
+    assert on_loop == [inline, inline, inline]
+    assert [len(p) for p, _, _ in engine.requests[1:]] == [
+        len(encode(text, add_bos=tokenizer.add_bos_token))
+    ] + [len(encode(text[: chars // 2], add_bos=tokenizer.add_bos_token))] * 2
+
+
 def test_chat_eos_finishes_with_stop(client, engine, tokenizer):
     engine.script = [
         *tokenizer.encode(" Hi!"),

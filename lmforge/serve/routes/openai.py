@@ -64,6 +64,10 @@ from lmforge.serve.protocol import (
 )
 
 MAX_CHOICES = 256  # engine requests one HTTP request may start (prompts x n)
+# Prompts up to this many characters are rendered and tokenised on the event loop: handing one to a worker thread
+# and back costs ~0.27 ms of CPU under load, as much as rendering ~300 characters; past a kilobyte (~0.7 us a
+# character) the loop would stall the other streams for more than a millisecond (bench/RESULTS.md, 2026-11-23).
+INLINE_PROMPT_CHARS = 1024
 SETTLE_RETRIES_S = (0.1, 1.0, None)  # waits between attempts to settle a request (None: the last attempt)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -204,11 +208,12 @@ async def _completion_prompts(
 ) -> list[list[int]]:
     tokenizer = state.tokenizer
     if isinstance(prompt, str):
-        return [await run_in_threadpool(tokenizer.encode, prompt, add_bos=tokenizer.add_bos_token)]
+        return [await _off_loop(len(prompt), tokenizer.encode, prompt, add_bos=tokenizer.add_bos_token)]
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt")
     if isinstance(prompt[0], str):
-        return await run_in_threadpool(tokenizer.encode_batch, prompt, add_bos=tokenizer.add_bos_token)
+        chars = sum(map(len, prompt))  # type: ignore[arg-type]
+        return await _off_loop(chars, tokenizer.encode_batch, prompt, add_bos=tokenizer.add_bos_token)
     prompts = [prompt] if isinstance(prompt[0], int) else prompt
     vocab_size = state.engine.model_info().vocab_size
     for ids in prompts:
@@ -223,11 +228,21 @@ async def _completion_prompts(
 
 
 async def _chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    messages = body.message_dicts()
+
     def render() -> list[int]:
-        text = tokenizer.apply_chat_template(body.message_dicts(), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return tokenizer.encode(text)  # no add_bos: the template writes BOS where the model wants one
 
-    return await run_in_threadpool(render)
+    return await _off_loop(sum(len(str(v)) for m in messages for v in m.values()), render)
+
+
+async def _off_loop(chars: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, which renders or tokenises `chars` characters: on the event loop when that is
+    quick (INLINE_PROMPT_CHARS), else on a worker thread."""
+    if chars <= INLINE_PROMPT_CHARS:
+        return fn(*args, **kwargs)
+    return await run_in_threadpool(fn, *args, **kwargs)
 
 
 async def _start(
