@@ -1,7 +1,7 @@
 """One engine decode step of the default model: packed weights, fused products, the decodes' dense KV copy.
 
     python bench/decode_step.py [--model smollm2-135m-instruct] [--batches 1,16] [--prompt-tokens 64]
-                                [--steps 48] [--record]
+                                [--steps 48] [--record] [--default-only]
 
 For each batch size, four engines over the same weights (each its own module tree), each adding one thing to
 the one before: unpacked (MKL's sgemm, `pack_weights=False`), every Linear packed on its own (oneDNN), packed
@@ -9,7 +9,8 @@ with q/k/v and gate/up fused, and that with the decodes reading a dense copy of 
 (`kv_cache.DenseDecode`) instead of gathering them from the paged cache: the default. The first three gather
 (`dense_decode_mb=0`). Their sequences are prefilled (prompts of --prompt-tokens from tinyshakespeare) and a
 few steps into decoding; then the engines are stepped in turn, so background load hits them equally, and each
-reports its median step (the contexts grow by one token a step).
+reports its median step (the contexts grow by one token a step). --default-only times the default engine
+alone and prints one line per batch size, `BATCH MEDIAN_MS` (bench/serve.py's yardstick for the hour).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--default-only", action="store_true", help="time only the default engine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ck = checkpoint.load(store.resolve(args.model))  # a store name or a path, as the CLI takes it
@@ -72,18 +74,24 @@ def main() -> None:
         prompts = [
             ck.tokenizer.encode(text[i * 3000 : i * 3000 + 8000])[: args.prompt_tokens] for i in range(batch)
         ]
-        engines = [engine_for(ck, case, prompts) for case in CASES]
-        times: list[list[float]] = [[] for _ in CASES]
+        cases = CASES[3:] if args.default_only else CASES
+        engines = [engine_for(ck, case, prompts) for case in cases]
+        times: list[list[float]] = [[] for _ in cases]
         for _ in range(args.steps):
             for engine, out in zip(engines, times, strict=True):
                 t = time.perf_counter()
                 engine.step()
                 out.append((time.perf_counter() - t) * 1e3)
         medians = [statistics.median(t) for t in times]
+        if args.default_only:
+            print(batch, f"{medians[0]:.1f}", flush=True)
+            continue
         rows.append(
             f"| {batch} | " + " | ".join(f"{m:.1f} ms ({medians[0] / m:.2f}x)" for m in medians) + " |"
         )
         del engines
+    if args.default_only:
+        return
     table = [f"| batch | {' | '.join(CASES)} |", "|" + "---|" * (len(CASES) + 1), *rows]
     print("\n".join(table))
     if args.record:

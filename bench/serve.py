@@ -13,6 +13,9 @@ per level: with the defaults, level 16 repeats level 1's questions and level 64 
 prefix caching (lmforge, vLLM) finds those prompts cached and pays only their last token's prefill; run one
 level alone (`--levels 16`) for fresh prompts. --peer-url runs the same load against an already-running
 OpenAI-compatible server instead (no server is started). --record appends the tables to bench/RESULTS.md.
+This machine's speed drifts by a third from hour to hour, so every lmforge run also times the engine's own
+16-sequence decode step, alone, before the load and after it (bench/decode_step.py --default-only): 16 clients
+can get at most 16 tokens a step, and the ratio of the 16-client figure to that ceiling compares across hours.
 
     python bench/serve.py --metered [--model ...] [--clients 16] [--requests 128] [--rounds 3]
                           [--pg-url postgresql+psycopg://...] [--record]
@@ -380,6 +383,7 @@ def main() -> None:
         return server
 
     level_rows, prefix_rows, exits = [], [], []
+    steps = [] if args.peer_url else [step_alone(args.model)]
     server = serve([])
     url = server.url if server else args.peer_url
     for i, c in enumerate(levels):
@@ -416,6 +420,7 @@ def main() -> None:
         print(prefix_rows[-1], flush=True)
     if server:
         exits.append(server.stop())
+        steps.append(step_alone(args.model))
 
     level_table = [
         "| server | concurrency | done | errors | out tokens | out tok/s | req/s "
@@ -432,11 +437,37 @@ def main() -> None:
     exit_note = (
         f"Server exit status after SIGTERM: {', '.join(map(str, exits))} (0 expected)." if exits else ""
     )
+    if steps:
+        exit_note += "\n\n" + yardstick(steps, level_rows, levels)
     print("\n" + "\n".join(level_table) + "\n\n" + "\n".join(prefix_table) + "\n\n" + exit_note)
     if args.record:
         record(args, model, name, level_table, prefix_table, exit_note)
     if any(exits):
         sys.exit(1)
+
+
+def step_alone(model: str) -> float:
+    """The default engine's 16-sequence decode step (median ms), timed alone in a subprocess with every core."""
+    cmd = [sys.executable, str(ROOT / "bench" / "decode_step.py"), "--model", model, "--batches", "16",
+           "--prompt-tokens", "40", "--steps", "30", "--default-only"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"bench/decode_step.py failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.split()[-1])
+
+
+def yardstick(steps: list[float], level_rows: list[str], levels: list[int]) -> str:
+    """What the machine could do this hour, and the 16-client figure against it."""
+    ceiling = 16_000 / statistics.mean(steps)
+    text = (
+        f"Yardstick: the default engine's 16-sequence decode step alone (40-token prompts) took "
+        f"{' ms before the load and '.join(f'{t:.1f}' for t in steps)} ms after it: at most {ceiling:.0f} tok/s "
+        "for 16 clients (16 tokens a step)."
+    )
+    if 16 in levels:
+        tok_s = float(level_rows[levels.index(16)].split("|")[6])
+        text += f" Served at 16 clients: {tok_s:.1f} tok/s, {tok_s / ceiling:.2f} of that ceiling."
+    return text
 
 
 # --- --metered: the cost of auth + metering + rate limiting ------------------------------------------------
