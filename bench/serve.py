@@ -178,7 +178,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, st: Stats
         st.tokens += deltas
 
 
-IGNORE_EOS = {"ignore_eos": True}  # vLLM's extension; emptied by --no-ignore-eos for servers that refuse it
+IGNORE_EOS: dict = {
+    "ignore_eos": True
+}  # vLLM's extension; emptied by --no-ignore-eos for servers that refuse it
 
 
 def chat_body(model: str, question: str, max_tokens: int, system: str | None = None) -> dict:
@@ -344,6 +346,10 @@ def main() -> None:
         "--no-ignore-eos", action="store_true", help="leave out `ignore_eos` (for servers that refuse it, e.g. "
         "`transformers serve`); requests may then end before max_tokens, and the table counts the tokens sent"
     )  # fmt: skip
+    ap.add_argument(
+        "--ban-eos-ids", help="comma-separated token ids sent with OpenAI's `logit_bias` -100, for servers that "
+        "ignore `ignore_eos` (llama.cpp's): every request then runs to max_tokens, as on lmforge"
+    )  # fmt: skip
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     ap.add_argument("--metered", action="store_true", help="the metering overhead benchmark (see above)")
     ap.add_argument("--clients", type=int, default=16, help="--metered: concurrent clients")
@@ -357,6 +363,8 @@ def main() -> None:
     args.requests = args.requests or 32
     if args.no_ignore_eos:
         IGNORE_EOS.clear()
+    if args.ban_eos_ids:
+        IGNORE_EOS["logit_bias"] = {i.strip(): -100 for i in args.ban_eos_ids.split(",")}
     levels = [int(x) for x in args.levels.split(",")]
     model, name = args.model, "lmforge"
     if args.peer_url:
@@ -631,10 +639,13 @@ def record(
 ) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {importlib.metadata.version('torch')}"
     threads = "" if args.peer_url else f"the server with --threads {os.cpu_count()}, "
+    eos = "`ignore_eos`" if "ignore_eos" in IGNORE_EOS else "EOS allowed"
+    if args.ban_eos_ids:
+        eos += f", `logit_bias` -100 on token ids {args.ban_eos_ids}"
     entry = [
         f"\n## serve.py — {datetime.date.today()} — {machine}",
         "",
-        f"`{model}` via {name}, streaming chat, temperature 0, `ignore_eos`, max_tokens {args.max_tokens}, "
+        f"`{model}` via {name}, streaming chat, temperature 0, {eos}, max_tokens {args.max_tokens}, "
         f"{args.requests} requests per concurrency level (one warm-up request first), {threads}the asyncio "
         "client on the same machine. TTFT: request sent to first content delta; ITL: gaps between deltas.",
         "",
