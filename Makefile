@@ -34,7 +34,7 @@ format: dev
 	$(VENV)/bin/ruff check --fix lmforge tests bench examples
 
 test: dev lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)  # the slowest tests in every CI log
 
 bench: dev
 	$(PY) bench/decode.py
