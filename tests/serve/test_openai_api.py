@@ -25,6 +25,7 @@ from schemathesis.checks import not_a_server_error
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.engine import EngineDraining, EngineOverloaded
 from lmforge.serve.app import DrainingServer, create_app
+from lmforge.serve.routes.openai import INLINE_MESSAGES, INLINE_PROMPT_BYTES
 from lmforge.serve.settings import Settings
 from tests.serve.fake_engine import FakeEngine
 from tests.serve.servers import free_port, serving_app
@@ -94,10 +95,28 @@ def test_chat_sync(client, engine, tokenizer):
     assert set(tokenizer.stop_ids) <= set(params.stop_token_ids)
 
 
-@pytest.mark.parametrize("chars", [20, 900, 1600])
-def test_only_long_prompts_are_tokenised_off_the_event_loop(client, engine, tokenizer, monkeypatch, chars):
-    """A short prompt is tokenised on the event loop (a worker thread costs more CPU than the work); a long one
-    on a worker thread, so it does not stall the loop's other streams. Chat and completions alike."""
+STAGE = "All the world's a stage. "  # 25 ASCII characters
+
+
+@pytest.mark.parametrize(
+    ("text", "messages", "inline"),
+    [
+        ("Say hello.", 1, [True, True, True]),
+        (STAGE * 36, 1, [True, True, True]),  # 900 bytes
+        (STAGE * 64, 1, [False, False, False]),  # 1,600 bytes
+        ("café " * 180, 1, [False, False, False]),  # 900 characters, 1,080 bytes: BPE works per byte
+        ("Hi.", INLINE_MESSAGES, [True, True, True]),
+        # more messages (prompts) than that: the template's own text adds up; one string prompt of 27 bytes
+        ("Hi.", INLINE_MESSAGES + 1, [False, True, False]),
+    ],
+)
+def test_only_short_prompts_are_tokenised_on_the_event_loop(
+    client, engine, tokenizer, monkeypatch, text, messages, inline
+):
+    """A short prompt is rendered and tokenised on the event loop (a worker thread costs more CPU than the work);
+    a long one on a worker thread, so it does not stall the loop's other streams. Chat, then completions with one
+    string prompt, then with a list of them."""
+    assert INLINE_PROMPT_BYTES == 1024 and len((STAGE * 36).encode()) <= 1024 < len(("café " * 180).encode())
     on_loop: list[bool] = []
     encode, encode_batch = tokenizer.encode, tokenizer.encode_batch
 
@@ -117,15 +136,17 @@ def test_only_long_prompts_are_tokenised_off_the_event_loop(client, engine, toke
 
     monkeypatch.setattr(tokenizer, "encode", spy(encode))
     monkeypatch.setattr(tokenizer, "encode_batch", spy(encode_batch))
-    text = ("All the world's a stage. " * 400)[:chars]
-    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=1)
-    client.completions.create(model=MODEL, prompt=text, max_tokens=1)
-    client.completions.create(model=MODEL, prompt=[text[: chars // 2], text[: chars // 2]], max_tokens=1)
-    inline = chars <= 1024
-    assert on_loop == [inline, inline, inline]
-    assert [len(p) for p, _, _ in engine.requests[1:]] == [
-        len(encode(text, add_bos=tokenizer.add_bos_token))
-    ] + [len(encode(text[: chars // 2], add_bos=tokenizer.add_bos_token))] * 2
+    chat = [{"role": "user", "content": text}] * messages
+    client.chat.completions.create(model=MODEL, messages=chat, max_tokens=1)
+    client.completions.create(model=MODEL, prompt=text * messages, max_tokens=1)
+    client.completions.create(model=MODEL, prompt=[text] * messages, max_tokens=1)
+    assert on_loop == inline
+    # what was tokenised either way is the prompt itself
+    ids = encode(text * messages, add_bos=tokenizer.add_bos_token)
+    assert engine.requests[1][0] == ids
+    assert [p for p, _, _ in engine.requests[2:]] == [
+        encode(text, add_bos=tokenizer.add_bos_token)
+    ] * messages
 
 
 def test_chat_eos_finishes_with_stop(client, engine, tokenizer):

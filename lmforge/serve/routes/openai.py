@@ -64,10 +64,12 @@ from lmforge.serve.protocol import (
 )
 
 MAX_CHOICES = 256  # engine requests one HTTP request may start (prompts x n)
-# Prompts up to this many characters are rendered and tokenised on the event loop: handing one to a worker thread
-# and back costs ~0.27 ms of CPU under load, as much as rendering ~300 characters; past a kilobyte (~0.7 us a
-# character) the loop would stall the other streams for more than a millisecond (bench/RESULTS.md, 2026-11-23).
-INLINE_PROMPT_CHARS = 1024
+# A prompt of up to INLINE_PROMPT_BYTES of text (UTF-8: byte-level BPE works per byte) in up to INLINE_MESSAGES
+# messages is rendered and tokenised on the event loop: handing it to a worker thread and back costs ~0.27 ms of
+# CPU under load, as much as the work for ~150 characters, while 1,000 characters take 0.83 ms (bench/RESULTS.md,
+# 2026-11-23); a longer prompt would hold up the loop's other streams for a millisecond or more.
+INLINE_PROMPT_BYTES = 1024
+INLINE_MESSAGES = 8
 SETTLE_RETRIES_S = (0.1, 1.0, None)  # waits between attempts to settle a request (None: the last attempt)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -208,12 +210,15 @@ async def _completion_prompts(
 ) -> list[list[int]]:
     tokenizer = state.tokenizer
     if isinstance(prompt, str):
-        return [await _off_loop(len(prompt), tokenizer.encode, prompt, add_bos=tokenizer.add_bos_token)]
+        inline = len(prompt.encode()) <= INLINE_PROMPT_BYTES
+        return [await _off_loop(inline, tokenizer.encode, prompt, add_bos=tokenizer.add_bos_token)]
     if not prompt:
         raise APIError(400, "The prompt is empty.", param="prompt")
     if isinstance(prompt[0], str):
-        chars = sum(map(len, prompt))  # type: ignore[arg-type]
-        return await _off_loop(chars, tokenizer.encode_batch, prompt, add_bos=tokenizer.add_bos_token)
+        inline = (
+            len(prompt) <= INLINE_MESSAGES and sum(len(p.encode()) for p in prompt) <= INLINE_PROMPT_BYTES
+        )  # type: ignore[union-attr]
+        return await _off_loop(inline, tokenizer.encode_batch, prompt, add_bos=tokenizer.add_bos_token)
     prompts = [prompt] if isinstance(prompt[0], int) else prompt
     vocab_size = state.engine.model_info().vocab_size
     for ids in prompts:
@@ -228,19 +233,25 @@ async def _completion_prompts(
 
 
 async def _chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
-    messages = body.message_dicts()
-
     def render() -> list[int]:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(body.message_dicts(), add_generation_prompt=True)
         return tokenizer.encode(text)  # no add_bos: the template writes BOS where the model wants one
 
-    return await _off_loop(sum(len(str(v)) for m in messages for v in m.values()), render)
+    messages = body.messages
+    inline = (
+        len(messages) <= INLINE_MESSAGES
+        and sum(
+            len(str(m.content).encode()) + (len(str(m.model_extra)) if m.model_extra else 0) for m in messages
+        )
+        <= INLINE_PROMPT_BYTES
+    )  # list contents and extra fields (tool calls) counted as their repr: more, not less
+    return await _off_loop(inline, render)
 
 
-async def _off_loop(chars: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)`, which renders or tokenises `chars` characters: on the event loop when that is
-    quick (INLINE_PROMPT_CHARS), else on a worker thread."""
-    if chars <= INLINE_PROMPT_CHARS:
+async def _off_loop(inline: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` (rendering or tokenising a prompt) on the event loop if `inline` (quick), else on a
+    worker thread."""
+    if inline:
         return fn(*args, **kwargs)
     return await run_in_threadpool(fn, *args, **kwargs)
 
