@@ -178,9 +178,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, st: Stats
         st.tokens += deltas
 
 
-EOS_FIELDS: dict = {
-    "ignore_eos": True
-}  # vLLM's extension; emptied by --no-ignore-eos for servers that refuse it
+# Sent with every chat request so that it runs to max_tokens: vLLM's `ignore_eos` (dropped by --no-ignore-eos for
+# servers that refuse it), and with --ban-eos-ids OpenAI's `logit_bias` for servers that ignore it
+EOS_FIELDS: dict = {"ignore_eos": True}
 
 
 def chat_body(model: str, question: str, max_tokens: int, system: str | None = None) -> dict:
