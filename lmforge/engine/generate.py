@@ -1,7 +1,7 @@
 """Single-sequence generation over the paged KV cache: the CLI's generator and the engine's slow twin.
 
-`generate` is the reference that the batched engine is tested against; `greedy_by_recompute` (no cache,
-full forward every step) is the reference that `generate` itself is tested against.
+`generate` is the reference that the batched engine is tested against; `generate` itself is tested against a
+full causal forward without a cache (tests/models/test_smollm2.py).
 """
 
 from __future__ import annotations
@@ -104,16 +104,3 @@ def generate(
             logits = model(
                 res.token_ids, positions=torch.tensor([pos], device=device), cache=cache, batch=batch
             )
-
-
-@torch.inference_mode()
-def greedy_by_recompute(model: GPT, prompt_ids: Sequence[int], max_tokens: int) -> list[int]:
-    """Greedy decoding by a full causal forward over the whole sequence at every step (no cache)."""
-    device = model.lm_head.weight.device
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    out: list[int] = []
-    for _ in range(max_tokens):
-        token = int(model(ids)[0, -1].argmax())
-        out.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-    return out
