@@ -65,6 +65,8 @@ class AsyncEngine:
         self._running = False
         self._draining = False
         self._stats = engine.stats(ready=False)
+        self._step_started: float | None = None  # see EngineStats.step_started
+        self._last_step_s = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -149,7 +151,11 @@ class AsyncEngine:
 
     def health(self) -> EngineStats:
         return dataclasses.replace(
-            self._stats, ready=self._running and not self._draining, draining=self._draining
+            self._stats,
+            ready=self._running and not self._draining,
+            draining=self._draining,
+            step_started=self._step_started,
+            last_step_s=self._last_step_s,
         )
 
     def model_info(self) -> ModelInfo:
@@ -175,6 +181,7 @@ class AsyncEngine:
             self._apply_commands()
             if not engine.has_unfinished:
                 continue
+            self._step_started = started = time.monotonic()
             try:
                 outputs = engine.step()
             except Exception as e:  # a bug, not bad input: fail the requests in flight, keep serving
@@ -183,6 +190,8 @@ class AsyncEngine:
                     engine.abort(rid)
                     self._deliver(rid, e)
                 continue
+            finally:
+                self._step_started, self._last_step_s = None, time.monotonic() - started
             self._deliver_all(outputs)
             self._stats = engine.stats()
 

@@ -61,7 +61,7 @@ def create_app(
         settings, engine, tokenizer, ServerMetrics(engine), db=db, classifier=classifier, upstreams=upstreams
     )
     if db is not None:
-        state.ledger = Ledger(db)
+        state.ledger = Ledger(db, lambda now: engine.health().next_step_in(now))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -14,12 +14,20 @@ response goes out only once its ledger row is final, as with a transaction per s
 Admits are batched the same way (`metering.admit_many`): the requests that arrive together (the clients an
 engine step answered come back together) are admitted with one statement on PostgreSQL, each exactly as its own
 admit would have been. A thread turn settles first, then admits: what the settles release is there for them.
+
+An admit that comes while the engine is in the middle of a step waits for the turn that starts shortly before
+the step should end (`ADMIT_LEAD_S`; `next_step_in`, at most `ADMIT_WAIT_MAX_S`): the request could not join
+the engine's batch before then anyway, and the admits that come meanwhile share its statement. Under the
+metered 1-token load (16 clients, PostgreSQL) admits went from 1.8 to 5.9 a batch, and the server's and
+PostgreSQL's CPU from 4.5 to 3.6 ms a request (bench/RESULTS.md). Settles never wait: a response waits for its
+settle. Between steps (an idle engine, an upstream model) nothing waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -31,19 +39,25 @@ from lmforge.serve.db import Database
 T = TypeVar("T")
 
 MAX_BATCH = 64  # settles (admits) per transaction: keeps each transaction (and the locks it holds) short
+ADMIT_LEAD_S = 0.008  # how long before the engine's step should end a waiting admit goes: its round trip
+ADMIT_WAIT_MAX_S = 0.1  # the longest an admit waits (a step's length is only guessed from the one before)
 
 
 class Ledger:
     """One server's ledger thread, started on first use and stopped by `close()` (the app's lifespan end)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, next_step_in: Callable[[float], float] | None = None) -> None:
+        """`next_step_in(now)`: seconds until the engine's running step should end (0 between steps)."""
         self.db = db
+        self.next_step_in = next_step_in
         self._executor: ThreadPoolExecutor | None = None
         # the queue is filled on the event loop and emptied on the ledger thread
         self._lock = threading.Lock()
         self._settles: list[tuple[dict[str, Any], Future[None]]] = []
         self._admits: list[tuple[dict[str, Any], Future[metering.Admission]]] = []
-        self._flush_queued = False
+        self._flush_queued = False  # a flush is submitted to the thread, or due (soon or at _timer)
+        # the admits' flush while it waits for the engine's step to end
+        self._timer: asyncio.TimerHandle | None = None
 
     def _thread(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -59,22 +73,45 @@ class Ledger:
     def settle(self, settlement: dict[str, Any]) -> asyncio.Future[None]:
         """Settle a request (`metering.settlement()`) with the next group commit; the future is done once it is
         committed, or holds the error that stopped it."""
-        return self._enqueue(self._settles, settlement)
+        return self._enqueue(self._settles, settlement, 0.0)
 
-    def admit(self, request: dict[str, Any]) -> asyncio.Future[metering.Admission]:
+    def admit(
+        self, request: dict[str, Any], *, at_step_end: bool = False
+    ) -> asyncio.Future[metering.Admission]:
         """Admit a request (`metering.admit`'s keyword arguments but `db`) with the next batch of admits
-        (`metering.admit_many`); the future holds its Admission or the refusal admit would raise."""
-        return self._enqueue(self._admits, request)
+        (`metering.admit_many`); the future holds its Admission or the refusal admit would raise. `at_step_end`:
+        the request goes to this process's engine, so its admit may wait until shortly before the running step
+        should end (see the module's doc)."""
+        return self._enqueue(self._admits, request, self._admit_wait() if at_step_end else 0.0)
 
-    def _enqueue(self, queue: list[tuple[Any, Future[Any]]], item: Any) -> asyncio.Future[Any]:
+    def _enqueue(self, queue: list[tuple[Any, Future[Any]]], item: Any, wait: float) -> asyncio.Future[Any]:
         future: Future[Any] = Future()
         with self._lock:
             queue.append((item, future))
             flush = not self._flush_queued
             self._flush_queued = True
-        if flush:  # submitted after this loop turn, so the other requests ending in it join the same batch
-            asyncio.get_running_loop().call_soon(self._submit_flush)
+        loop = asyncio.get_running_loop()
+        if flush and self._timer is not None:  # a flush took what it waited for: only one timer lives
+            self._timer.cancel()
+            self._timer = None
+        if flush and wait > 0:
+            self._timer = loop.call_later(wait, self._timed_flush)
+        elif flush:  # submitted after this loop turn, so the other requests ending in it join the same batch
+            loop.call_soon(self._submit_flush)
+        elif wait <= 0 and self._timer is not None:  # queued admits wait, this must not: all go now
+            self._timer.cancel()
+            self._timer = None
+            loop.call_soon(self._submit_flush)
         return asyncio.wrap_future(future)
+
+    def _admit_wait(self) -> float:
+        if self.next_step_in is None:
+            return 0.0
+        return min(self.next_step_in(time.monotonic()) - ADMIT_LEAD_S, ADMIT_WAIT_MAX_S)
+
+    def _timed_flush(self) -> None:
+        self._timer = None
+        self._submit_flush()
 
     def _submit_flush(self) -> None:
         self._thread().submit(self._flush)
@@ -110,6 +147,10 @@ class Ledger:
 
     def close(self) -> None:
         """Finish the queued work (every request has settled by now: uvicorn drained them) and stop the thread."""
+        if self._timer is not None:  # admits still waiting (their callers gone): flush them now
+            self._timer.cancel()
+            self._timer = None
+            self._submit_flush()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

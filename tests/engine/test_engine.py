@@ -5,6 +5,7 @@ import asyncio
 import random
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,35 @@ def test_async_engine_gathers_a_burst_into_one_first_step(tiny):
         return seen
 
     assert asyncio.run(main(0.05))[0] == 4  # gathered: quiet gaps under 50 ms, well under the 0.5 s cap
+
+
+def test_async_engine_reports_when_its_running_step_should_end(tiny):
+    """health() tells the server when the running step began and how long the one before took (the ledger times
+    its batched admits by it): next_step_in counts down within a step, and is 0 between steps."""
+
+    async def main():
+        llm = LLMEngine(tiny, EngineConfig(kv_cache_mb=4, max_num_seqs=1))
+        real_step = llm.step
+
+        def slow_step():
+            time.sleep(0.2)
+            return real_step()
+
+        llm.step = slow_step
+        engine = AsyncEngine(llm, "tiny")
+        engine.start()
+        assert engine.health().step_started is None and engine.health().next_step_in(time.monotonic()) == 0.0
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        stream = engine.generate(random_prompts(1, seed=3)[0], params, "r1")
+        await stream.__anext__()  # a step has run: the next one is under way
+        await until(lambda: engine.health().step_started is not None)
+        stats, now = engine.health(), time.monotonic()
+        assert 0.2 <= stats.last_step_s < 2.0
+        assert 0.0 < stats.next_step_in(now) <= stats.last_step_s
+        assert stats.next_step_in(stats.step_started + stats.last_step_s + 0.01) == 0.0  # overdue: no wait
+        await collect(stream)
+        await until(lambda: engine.health().step_started is None)
+        assert engine.health().next_step_in(time.monotonic()) == 0.0
+        await engine.shutdown(drain_timeout=1)
+
+    asyncio.run(main())

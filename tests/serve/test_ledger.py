@@ -5,13 +5,15 @@ turn into one transaction without letting a settle that fails take the others do
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import pytest
 
 from lmforge.serve import auth, metering
+from lmforge.serve import ledger as ledger_module
 from lmforge.serve.db import utcnow
-from lmforge.serve.ledger import Ledger
+from lmforge.serve.ledger import ADMIT_LEAD_S, Ledger
 from lmforge.serve.metering import settle_many, settlement
 from tests.serve.conftest import assert_ledger_consistent, recorded_statements
 from tests.serve.test_metering import (
@@ -176,3 +178,56 @@ def test_settlement_checks_its_arguments(database, status):
         settlement(a, prompt_tokens=1, completion_tokens=1, status=status)
     with pytest.raises(ValueError, match="negative token counts"):
         settlement(a, prompt_tokens=-1, completion_tokens=1, status="completed")
+
+
+def test_admits_for_the_engine_wait_for_its_step_end_and_settles_do_not(database, monkeypatch):
+    """`at_step_end` admits wait until ADMIT_LEAD_S before the engine's running step should end (at most
+    ADMIT_WAIT_MAX_S), and the admits that come meanwhile share their batch; a settle, or an admit for an
+    upstream model, does not wait, and a settle takes the waiting admits with it."""
+    key = setup(database, rpm=100)
+    a0 = go(database, key, "r0")
+    calls: list[tuple[str, int]] = []
+    for name in ("admit_many", "settle_many"):
+        real = getattr(metering, name)
+        monkeypatch.setattr(metering, name, lambda db, xs, *a, _real=real, _name=name, **k: (
+            calls.append((_name, len(xs))), _real(db, xs, *a, **k))[1])  # fmt: skip
+    monkeypatch.setattr(ledger_module, "ADMIT_WAIT_MAX_S", 5.0)
+    step_end = {"at": 0.0}
+
+    async def timed(*futures) -> float:
+        t = time.monotonic()
+        await asyncio.gather(*futures)
+        return time.monotonic() - t
+
+    async def main() -> list[float]:
+        ledger_thread = Ledger(database, lambda now: max(0.0, step_end["at"] - now))
+        try:
+            step_end["at"] = time.monotonic() + 0.2 + ADMIT_LEAD_S  # the step ends in 0.2 s (and the lead)
+            first = ledger_thread.admit(batch_request(key, "a0"), at_step_end=True)
+            await asyncio.sleep(0.05)
+            second = ledger_thread.admit(batch_request(key, "a1"), at_step_end=True)
+            waits = [0.05 + await timed(first, second)]
+            # a settle comes while two admits wait for a step 10 s away: all go at once, the settle first
+            step_end["at"] = time.monotonic() + 10.0
+            waiting = [ledger_thread.admit(batch_request(key, f"b{i}"), at_step_end=True) for i in range(2)]
+            settled = ledger_thread.settle(
+                settlement(a0, prompt_tokens=10, completion_tokens=1, status="completed")
+            )
+            waits.append(await timed(settled, *waiting))
+            # an admit that does not go to this process's engine (an upstream model) never waits
+            waits.append(await timed(ledger_thread.admit(batch_request(key, "c0"))))
+            # nor does one past ADMIT_WAIT_MAX_S
+            monkeypatch.setattr(ledger_module, "ADMIT_WAIT_MAX_S", 0.15)
+            waits.append(await timed(ledger_thread.admit(batch_request(key, "d0"), at_step_end=True)))
+            return waits
+        finally:
+            ledger_thread.close()
+
+    at_step_end, with_settle, upstream, capped = asyncio.run(main())
+    assert calls == [("admit_many", 2), ("settle_many", 1), ("admit_many", 2), ("admit_many", 1),
+                     ("admit_many", 1)]  # fmt: skip
+    assert 0.19 <= at_step_end < 2.0
+    assert with_settle < 2.0 and upstream < 2.0  # not the 5 s that the 10 s step would allow
+    assert 0.14 <= capped < 2.0
+    assert [r.request_id for r in ledger(database)] == ["r0", "a0", "a1", "b0", "b1", "c0", "d0"]
+    assert_ledger_consistent(database)

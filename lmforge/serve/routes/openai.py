@@ -386,7 +386,8 @@ class Meter:
         }
         # admitted, but cancelled meanwhile: nothing will run, so the hold goes back at once
         try:
-            self.admission = await _uncancelled(ledger.admit(request), partial(_release, ledger))
+            admitted = ledger.admit(request, at_step_end=self.model not in self.state.upstreams)
+            self.admission = await _uncancelled(admitted, partial(_release, ledger))
         except AuthError as e:  # the key was revoked after the process cached it (auth.KeyCache)
             raise refused(self.state, self.request, e) from None
         self.request.state.ratelimit_headers = self.admission.headers
