@@ -66,7 +66,7 @@ class AsyncEngine:
         self._draining = False
         self._stats = engine.stats(ready=False)
         self._step_started: float | None = None  # see EngineStats.step_started
-        self._last_step_s = 0.0
+        self._step_s = (0.0, 0.0)  # the last two steps' lengths
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -155,7 +155,7 @@ class AsyncEngine:
             ready=self._running and not self._draining,
             draining=self._draining,
             step_started=self._step_started,
-            last_step_s=self._last_step_s,
+            step_s=min(self._step_s),
         )
 
     def model_info(self) -> ModelInfo:
@@ -191,7 +191,7 @@ class AsyncEngine:
                     self._deliver(rid, e)
                 continue
             finally:
-                self._step_started, self._last_step_s = None, time.monotonic() - started
+                self._step_started, self._step_s = None, (self._step_s[1], time.monotonic() - started)
             self._deliver_all(outputs)
             self._stats = engine.stats()
 

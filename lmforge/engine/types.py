@@ -149,14 +149,14 @@ class EngineStats:
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     step_started: float | None = None  # time.monotonic() when the running step began; None between steps
-    last_step_s: float = 0.0  # how long the step before it took
+    step_s: float = 0.0  # how long a step takes: the shorter of the last two (a guess that errs short)
 
     def next_step_in(self, now: float) -> float:
-        """Seconds until the running step should end (as long as the one before it), when the engine takes the
-        requests that came meanwhile; 0 between steps."""
+        """Seconds until the running step should end, when the engine takes the requests that came meanwhile;
+        0 between steps."""
         if self.step_started is None:
             return 0.0
-        return max(0.0, self.step_started + self.last_step_s - now)
+        return max(0.0, self.step_started + self.step_s - now)
 
 
 class EngineOverloaded(Exception):

@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 MAX_BATCH = 64  # settles (admits) per transaction: keeps each transaction (and the locks it holds) short
 ADMIT_LEAD_S = 0.008  # how long before the engine's step should end a waiting admit goes: its round trip
-ADMIT_WAIT_MAX_S = 0.1  # the longest an admit waits (a step's length is only guessed from the one before)
+ADMIT_WAIT_MAX_S = 0.1  # the longest an admit waits (a step's length is only guessed from the ones before)
 
 
 class Ledger:
