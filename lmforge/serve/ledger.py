@@ -90,18 +90,14 @@ class Ledger:
             queue.append((item, future))
             flush = not self._flush_queued
             self._flush_queued = True
-        loop = asyncio.get_running_loop()
-        if flush and self._timer is not None:  # a flush took what it waited for: only one timer lives
-            self._timer.cancel()
-            self._timer = None
-        if flush and wait > 0:
-            self._timer = loop.call_later(wait, self._timed_flush)
-        elif flush:  # submitted after this loop turn, so the other requests ending in it join the same batch
-            loop.call_soon(self._submit_flush)
-        elif wait <= 0 and self._timer is not None:  # queued admits wait, this must not: all go now
-            self._timer.cancel()
-            self._timer = None
-            loop.call_soon(self._submit_flush)
+        # schedule a flush when none is due, or when the due one waits and this item must not (it goes now, with
+        # the waiting admits); a live timer is dropped either way: a flush took what it waited for, or this one
+        if flush or (wait <= 0 and self._timer is not None):
+            self._cancel_timer()
+            if wait > 0:
+                self._timer = asyncio.get_running_loop().call_later(wait, self._timed_flush)
+            else:  # after this loop turn, so the other requests ending in it join the same batch
+                asyncio.get_running_loop().call_soon(self._submit_flush)
         return asyncio.wrap_future(future)
 
     def _admit_wait(self) -> float:
@@ -112,6 +108,13 @@ class Ledger:
     def _timed_flush(self) -> None:
         self._timer = None
         self._submit_flush()
+
+    def _cancel_timer(self) -> bool:
+        """Drop the admits' waiting flush; whether there was one."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        return timer is not None
 
     def _submit_flush(self) -> None:
         self._thread().submit(self._flush)
@@ -147,9 +150,7 @@ class Ledger:
 
     def close(self) -> None:
         """Finish the queued work (every request has settled by now: uvicorn drained them) and stop the thread."""
-        if self._timer is not None:  # admits still waiting (their callers gone): flush them now
-            self._timer.cancel()
-            self._timer = None
+        if self._cancel_timer():  # admits still waiting (their callers gone): flush them now
             self._submit_flush()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
