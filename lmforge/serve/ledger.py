@@ -29,7 +29,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lmforge import runtime
@@ -53,8 +53,8 @@ class Ledger:
         self._executor: ThreadPoolExecutor | None = None
         # the queue is filled on the event loop and emptied on the ledger thread
         self._lock = threading.Lock()
-        self._settles: list[tuple[dict[str, Any], Future[None]]] = []
-        self._admits: list[tuple[dict[str, Any], Future[metering.Admission]]] = []
+        self._settles: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._admits: list[tuple[dict[str, Any], asyncio.Future[metering.Admission]]] = []
         self._flush_queued = False  # a flush is submitted to the thread, or due (soon or at _timer)
         # the admits' flush while it waits for the engine's step to end
         self._timer: asyncio.TimerHandle | None = None
@@ -84,8 +84,10 @@ class Ledger:
         should end (see the module's doc)."""
         return self._enqueue(self._admits, request, self._admit_wait() if at_step_end else 0.0)
 
-    def _enqueue(self, queue: list[tuple[Any, Future[Any]]], item: Any, wait: float) -> asyncio.Future[Any]:
-        future: Future[Any] = Future()
+    def _enqueue(
+        self, queue: list[tuple[Any, asyncio.Future[Any]]], item: Any, wait: float
+    ) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
         with self._lock:
             queue.append((item, future))
             flush = not self._flush_queued
@@ -98,7 +100,7 @@ class Ledger:
                 self._timer = asyncio.get_running_loop().call_later(wait, self._timed_flush)
             else:  # after this loop turn, so the other requests ending in it join the same batch
                 asyncio.get_running_loop().call_soon(self._submit_flush)
-        return asyncio.wrap_future(future)
+        return future
 
     def _admit_wait(self) -> float:
         if self.next_step_in is None:
@@ -128,16 +130,17 @@ class Ledger:
             self._submit_flush()
         if settles:  # first: what they release may be what the admits need
             self._settle(settles)
-        # a caller that stopped waiting before its admit ran is not admitted (no hold left behind)
-        admits = [(request, future) for request, future in admits if future.set_running_or_notify_cancel()]
+        # a caller that stopped waiting before its admit ran is not admitted (no hold left behind); one that stops
+        # from here on finds its admit made, as if it had stopped a moment later (`_resolve` skips it)
+        admits = [(request, future) for request, future in admits if not future.cancelled()]
         if admits:
             try:
                 outcomes = metering.admit_many(self.db, [request for request, _ in admits])
             except Exception as e:  # noqa: BLE001 - not one request's refusal: every caller gets it
                 outcomes = [e] * len(admits)
-            _resolve([future for _, future in admits], outcomes)
+            _deliver([future for _, future in admits], outcomes)
 
-    def _settle(self, batch: list[tuple[dict[str, Any], Future[None]]]) -> None:
+    def _settle(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
         try:
             metering.settle_many(self.db, [s for s, _ in batch])
             errors: list[BaseException | None] = [None] * len(batch)
@@ -146,7 +149,7 @@ class Ledger:
                 errors = [e]
             else:  # one at a time, so a settle that cannot be made does not fail the others
                 errors = [_attempt(self.db, s) for s, _ in batch]
-        _resolve([future for _, future in batch], errors)
+        _deliver([future for _, future in batch], errors)
 
     def close(self) -> None:
         """Finish the queued work (every request has settled by now: uvicorn drained them) and stop the thread."""
@@ -157,11 +160,22 @@ class Ledger:
             self._executor = None
 
 
-def _resolve(futures: list[Future[Any]], outcomes: list[Any]) -> None:
-    """Each future its outcome: an exception is raised to its caller, anything else is its result (None for a
-    settle). A caller that stopped waiting (cancelled) is skipped: what it asked for was done all the same."""
+def _deliver(futures: list[asyncio.Future[Any]], outcomes: list[Any]) -> None:
+    """Hand a batch's outcomes to the callers' event loop in one callback: one wake-up of the loop per batch,
+    where a `concurrent.futures.Future` per caller (`asyncio.wrap_future`) would wake it once per caller."""
+    loop = futures[0].get_loop()  # one server, one loop
+    try:
+        loop.call_soon_threadsafe(_resolve, futures, outcomes)
+    except RuntimeError:
+        pass  # the loop is closed: nobody waits any more (what was asked for was done all the same)
+
+
+def _resolve(futures: list[asyncio.Future[Any]], outcomes: list[Any]) -> None:
+    """Each future its outcome, on the loop: an exception is raised to its caller, anything else is its result
+    (None for a settle). A caller that stopped waiting (cancelled) is skipped: what it asked for was done all
+    the same."""
     for future, outcome in zip(futures, outcomes, strict=True):
-        if not future.running() and not future.set_running_or_notify_cancel():
+        if future.done():
             continue
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)

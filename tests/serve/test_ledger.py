@@ -83,7 +83,14 @@ def test_the_ledger_settles_one_loop_turn_in_one_transaction(database, monkeypat
 
     monkeypatch.setattr(metering, "settle_many", counted)
 
+    wakes: list[int] = []  # the ledger thread's calls into the loop: one per batch, however many it settles
+
     async def main() -> None:
+        loop = asyncio.get_running_loop()
+        real_wake = loop.call_soon_threadsafe
+        monkeypatch.setattr(
+            loop, "call_soon_threadsafe", lambda *a, **k: (wakes.append(1), real_wake(*a, **k))[1]
+        )
         ledger_thread = Ledger(database)
         try:
             first = [ledger_thread.settle(settlement(a, prompt_tokens=10, completion_tokens=i, status="completed"))
@@ -97,11 +104,31 @@ def test_the_ledger_settles_one_loop_turn_in_one_transaction(database, monkeypat
             ledger_thread.close()
 
     asyncio.run(main())
-    assert batches == [15, 5]
+    assert batches == [15, 5] and len(wakes) == 2
     assert [r.status for r in ledger(database)] == ["completed"] * 15 + ["cancelled"] * 5
     spent = sum(10 * IN + i * OUT for i in range(15)) + 5 * (10 * IN + 1 * OUT)
     assert month_row(database) == (spent, 0)
     assert ratelimit_tokens(database, key) == sum(10 + i for i in range(15)) + 5 * 11
+    assert_ledger_consistent(database)
+
+
+def test_batched_rows_keep_text_and_times_exactly(database):
+    """A batch travels to PostgreSQL as one JSON text (`metering._batch_rows`): request ids and error messages
+    with quotes, backslashes, newlines and non-ASCII text, and times to the microsecond, come back exactly as
+    they went in (SQLite binds each row's values as they are: the same outcome)."""
+    key = setup(database)
+    odd = ['r "one"', "r\\two\n", "r-\u00e9\u4e2d-\U0001f600"]
+    now = utcnow().replace(microsecond=123456)
+    admitted = metering.admit_many(database, [batch_request(key, rid) for rid in odd], now=now)
+    assert [a.request_id for a in admitted] == odd
+    later = now + timedelta(seconds=1, microseconds=654321)
+    errors = ['bad "quote"', "back\\slash\nnew line", "\u00fcml\u00e4ut \u4e2d\u6587"]
+    settle_many(database, [settlement(a, prompt_tokens=10, completion_tokens=2, status="failed", error=e,
+                                      now=later) for a, e in zip(admitted, errors, strict=True)])  # fmt: skip
+    rows = ledger(database)
+    assert [(r.request_id, r.error, r.started_at, r.finished_at) for r in rows] == [
+        (rid, e, now, later) for rid, e in zip(odd, errors, strict=True)
+    ]
     assert_ledger_consistent(database)
 
 
