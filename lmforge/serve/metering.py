@@ -511,18 +511,18 @@ def _iso(value: Any) -> str:
 
 
 _ADMIT_MANY_COLUMNS = (("request_id", "text"), ("key_id", "bigint"), ("tenant_id", "bigint"), ("model", "text"),
-                      ("prompt", "bigint"), ("max", "bigint"), ("limited", "boolean"), ("rpm", "bigint"),
-                      ("tpm", "bigint"), ("instance", "text"))  # fmt: skip
+                       ("prompt", "bigint"), ("max", "bigint"), ("limited", "boolean"), ("rpm", "bigint"),
+                       ("tpm", "bigint"), ("instance", "text"))  # fmt: skip
 
-# admit_many on PostgreSQL: a batch of admits as ONE statement (one round trip, one commit), the requests as
-# rows in order (`_batch_rows`), all at one time. It only ever admits the whole batch: each rate window is charged
-# with its requests' count and tokens summed, each tenant month with its requests' holds summed, which is what
-# the same admits one after the other would leave, and as they would, every one of them passes when the totals
-# fit (the charges only grow). If anything would be refused -- a key no longer live, a window or a budget over
-# its limit -- the statement changes nothing: it writes nothing for a dead key, and otherwise fails on purpose
-# (BUDGET_REFUSED), rolling back what it charged. Windows are taken in key order and months in tenant order.
-# Per request it returns its ledger row and the window as its lone admit would have left it (the requests of
-# its key before it in the batch counted): its x-ratelimit-* headers.
+# admit_many on PostgreSQL: a batch of admits as ONE statement (one round trip, one commit), the requests as rows in
+# order (`_batch_rows`), all at one time. It only ever admits the whole batch: each rate window is charged with its
+# requests' count and tokens summed, each tenant month with its requests' holds summed, which is what the same
+# admits one after the other would leave, and as they would, every one of them passes when the totals fit (the
+# charges only grow). If anything would be refused -- a key no longer live, a window or a budget over its limit --
+# the statement changes nothing: it writes nothing for a dead key, and otherwise fails on purpose (BUDGET_REFUSED),
+# rolling back what it charged. Windows are taken in key order and months in tenant order. Per request it returns
+# its ledger row and the window as its lone admit would have left it (the requests of its key before it in the batch
+# counted): its x-ratelimit-* headers.
 _PG_ADMIT_MANY = (
     sa.text(
         f"""
@@ -593,12 +593,13 @@ ORDER BY priced.ord
 )
 
 _SETTLE_MANY_COLUMNS = (("usage_id", "bigint"), ("status", "text"), ("prompt", "bigint"), ("completion", "bigint"),
-                       ("cost", "bigint"), ("now", "timestamptz"), ("error", "text"), ("key_id", "bigint"),
-                       ("window_start", "timestamptz"), ("unused", "bigint"), ("month", "text"), ("hold", "bigint"))  # fmt: skip
+                        ("cost", "bigint"), ("now", "timestamptz"), ("error", "text"), ("key_id", "bigint"),
+                        ("window_start", "timestamptz"), ("unused", "bigint"), ("month", "text"),
+                        ("hold", "bigint"))  # fmt: skip
 
 # settle_many on PostgreSQL: ONE statement for a whole batch or a single settle (one round trip, one commit,
-# atomic by itself), the settles as rows (`_batch_rows`). Only rows still pending are closed, and only those give their
-# tokens back and move their holds to spent, summed per rate window and per tenant month.
+# atomic by itself), the settles as rows (`_batch_rows`). Only rows still pending are closed, and only those give
+# their tokens back and move their holds to spent, summed per rate window and per tenant month.
 _PG_SETTLE_MANY = sa.text(
     f"""
 WITH batch AS (
