@@ -205,6 +205,19 @@ async def cache_counters(client: httpx.AsyncClient, url: str) -> tuple[float, fl
     return (float(found[0][1]), float(found[1][1])) if found[0] and found[1] else None
 
 
+def ledger_batches(url: str) -> dict[str, tuple[float, float]]:
+    """The server's ledger batches so far, per kind (admit, settle): (batches, requests), from /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found = {}
+    for kind in ("admit", "settle"):
+        stats = [
+            re.search(rf'^lmforge_ledger_batch_size_{s}{{kind="{kind}"}} (\S+)$', text, re.M)
+            for s in ("count", "sum")
+        ]
+        found[kind] = (float(stats[0][1]), float(stats[1][1])) if stats[0] and stats[1] else (0.0, 0.0)
+    return found
+
+
 async def run_load(url: str, bodies: list[dict], concurrency: int) -> Stats:
     """Warm up with one request, then send `bodies` with at most `concurrency` in flight."""
     st = Stats()
@@ -574,6 +587,7 @@ def metered_main(args: argparse.Namespace) -> None:
         # its kernels for the batch shapes it meets), which would only widen the spread of the rounds below
         for i, (_, _, secret) in enumerate(configs):
             asyncio.run(tiny_requests(servers[i].url, model, secret, args.requests, args.clients))
+        batches_before = [ledger_batches(server.url) for server in servers]
         rates: list[list[float]] = [[] for _ in configs]
         cpu: list[list[float]] = [[] for _ in configs]  # request-path CPU ms per request, each round
         pg_cpu: list[list[float]] = [[] for _ in configs]  # PostgreSQL's CPU ms per request, each round
@@ -590,6 +604,14 @@ def metered_main(args: argparse.Namespace) -> None:
                 pg_cpu[i].append((postgres_cpu_seconds() - pg_before) / (args.requests + 4) * 1e3)
                 errors += failed
                 print(f"round {r + 1}: {configs[i][0]}: {rate:.1f} req/s", flush=True)
+        # requests per ledger batch over the recorded rounds: what metering's per-batch costs are spread over
+        per_batch = ["–"]  # the unmetered server has no ledger
+        for server, before in zip(servers[1:], batches_before[1:], strict=True):
+            after = ledger_batches(server.url)
+            admits, settles = (
+                (after[k][1] - before[k][1]) / max(after[k][0] - before[k][0], 1) for k in after
+            )
+            per_batch.append(f"{admits:.1f}, {settles:.1f}")
     finally:
         exits = [server.stop() for server in servers]
         if pg_admin is not None:
@@ -604,13 +626,14 @@ def metered_main(args: argparse.Namespace) -> None:
     paired = [statistics.median(x / base for x, base in zip(xs, rates[0], strict=True)) for xs in rates]
     table = [
         "| server | req/s (median) | req/s per round | vs unmetered (medians) | vs unmetered (median of per-round "
-        "ratios) | CPU ms/request: server outside the engine, PostgreSQL (medians) |",
-        "|---|---|---|---|---|---|",
+        "ratios) | CPU ms/request: server outside the engine, PostgreSQL (medians) | requests per ledger batch: "
+        "admits, settles |",
+        "|---|---|---|---|---|---|---|",
         *(
             f"| {name} | {m:.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {m / medians[0]:.3f}x | {p:.3f}x "
-            f"| {c:.2f}, {g:.2f} |"
-            for (name, _, _), m, xs, p, c, g in zip(
-                configs, medians, rates, paired, cpu_medians, pg_medians, strict=True
+            f"| {c:.2f}, {g:.2f} | {b} |"
+            for (name, _, _), m, xs, p, c, g, b in zip(
+                configs, medians, rates, paired, cpu_medians, pg_medians, per_batch, strict=True
             )
         ),
     ]

@@ -61,7 +61,12 @@ def create_app(
         settings, engine, tokenizer, ServerMetrics(engine), db=db, classifier=classifier, upstreams=upstreams
     )
     if db is not None:
-        state.ledger = Ledger(db, lambda now: engine.health().next_step_in(now))
+        batch_size = state.metrics.ledger_batch_size
+        state.ledger = Ledger(
+            db,
+            lambda now: engine.health().next_step_in(now),
+            lambda kind, n: batch_size.labels(kind=kind).observe(n),
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

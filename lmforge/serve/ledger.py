@@ -46,10 +46,17 @@ ADMIT_WAIT_MAX_S = 0.1  # the longest an admit waits (a step's length is only gu
 class Ledger:
     """One server's ledger thread, started on first use and stopped by `close()` (the app's lifespan end)."""
 
-    def __init__(self, db: Database, next_step_in: Callable[[float], float] | None = None) -> None:
-        """`next_step_in(now)`: seconds until the engine's running step should end (0 between steps)."""
+    def __init__(
+        self,
+        db: Database,
+        next_step_in: Callable[[float], float] | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """`next_step_in(now)`: seconds until the engine's running step should end (0 between steps).
+        `on_batch(kind, n)`: told of each batch ("admit" or "settle", its number of requests), on the thread."""
         self.db = db
         self.next_step_in = next_step_in
+        self.on_batch = on_batch
         self._executor: ThreadPoolExecutor | None = None
         # the queue is filled on the event loop and emptied on the ledger thread
         self._lock = threading.Lock()
@@ -138,7 +145,13 @@ class Ledger:
                 outcomes = metering.admit_many(self.db, [request for request, _ in admits])
             except Exception as e:  # noqa: BLE001 - not one request's refusal: every caller gets it
                 outcomes = [e] * len(admits)
+            self._count("admit", len(admits))
             _deliver([future for _, future in admits], outcomes)
+
+    def _count(self, kind: str, n: int) -> None:
+        # before the callers hear back: whoever a response reaches sees its batch counted
+        if self.on_batch is not None:
+            self.on_batch(kind, n)
 
     def _settle(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
         try:
@@ -149,6 +162,7 @@ class Ledger:
                 errors = [e]
             else:  # one at a time, so a settle that cannot be made does not fail the others
                 errors = [_attempt(self.db, s) for s, _ in batch]
+        self._count("settle", len(batch))
         _deliver([future for _, future in batch], errors)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from lmforge.engine import EngineClient
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the ledger's MAX_BATCH is 64
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -86,6 +87,12 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # what the ledger thread's statements (PostgreSQL) or transactions (SQLite) carry: _count is the batches,
+        # _sum the requests; fewer, fuller batches are what keeps metering cheap (serve/ledger.py)
+        self.ledger_batch_size = Histogram(
+            "lmforge_ledger_batch_size", "Requests per ledger batch, by kind (admit, settle).", ["kind"],
+            buckets=_BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
         r.register(_EngineCollector(engine))
 
     def render(self) -> bytes:

@@ -341,6 +341,12 @@ def test_non_streamed_and_streamed_completions_bill_what_the_client_was_told(url
     row = settled_row(database, completion_chunks[0].id)
     assert (row.status, row.completion_tokens) == ("completed", 4)
     assert_books_balance(database)
+    # /metrics counts the ledger's batches: four requests one after another, four admits and four settles
+    metrics = httpx.get(f"{url}/metrics").text
+    for kind in ("admit", "settle"):
+        for stat in ("count", "sum"):
+            found = re.search(rf'^lmforge_ledger_batch_size_{stat}{{kind="{kind}"}} (\S+)$', metrics, re.M)
+            assert found and float(found[1]) == 4.0, (kind, stat, metrics)
 
 
 def test_the_request_paths_database_work_runs_on_the_one_ledger_thread(database, engine, tokenizer):
