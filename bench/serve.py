@@ -30,7 +30,8 @@ median requests/s over the rounds, its ratio to the unmetered server's median, a
 ratios to the unmetered server's rate in the same round (drift between rounds cancels out of those), and the CPU
 each request costs outside the engine: in the server process (all threads but the engine's, whose OpenMP team
 spins between steps) and in PostgreSQL's processes. Those two are steadier than the rates, which swing with how
-the clients fall into phase with the engine's steps.
+the clients fall into phase with the engine's steps. Last, each metered server's requests per ledger batch
+(admits, settles) over the recorded rounds, from its /metrics (`lmforge_ledger_batch_size`).
 """
 
 from __future__ import annotations
