@@ -202,21 +202,25 @@ async def cache_counters(client: httpx.AsyncClient, url: str) -> tuple[float, fl
         text = (await client.get(f"{url}/metrics")).text
     except httpx.HTTPError:
         return None
-    found = [re.search(rf"^lmforge_prefix_cache_{k}_total (\S+)$", text, re.M) for k in ("hits", "queries")]
-    return (float(found[0][1]), float(found[1][1])) if found[0] and found[1] else None
+    hits, queries = (_sample(text, f"lmforge_prefix_cache_{k}_total") for k in ("hits", "queries"))
+    return (hits, queries) if hits is not None and queries is not None else None
+
+
+def _sample(text: str, name: str) -> float | None:
+    """One sample's value in a Prometheus text page (`name` with its labels, as written), None if absent."""
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found[1]) if found else None
 
 
 def ledger_batches(url: str) -> dict[str, tuple[float, float]]:
     """The server's ledger batches so far, per kind (admit, settle): (batches, requests), from /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    found = {}
-    for kind in ("admit", "settle"):
-        stats = [
-            re.search(rf'^lmforge_ledger_batch_size_{s}{{kind="{kind}"}} (\S+)$', text, re.M)
-            for s in ("count", "sum")
-        ]
-        found[kind] = (float(stats[0][1]), float(stats[1][1])) if stats[0] and stats[1] else (0.0, 0.0)
-    return found
+    return {
+        kind: tuple(
+            _sample(text, f'lmforge_ledger_batch_size_{s}{{kind="{kind}"}}') or 0.0 for s in ("count", "sum")
+        )
+        for kind in ("admit", "settle")
+    }
 
 
 async def run_load(url: str, bodies: list[dict], concurrency: int) -> Stats:
@@ -588,7 +592,7 @@ def metered_main(args: argparse.Namespace) -> None:
         # its kernels for the batch shapes it meets), which would only widen the spread of the rounds below
         for i, (_, _, secret) in enumerate(configs):
             asyncio.run(tiny_requests(servers[i].url, model, secret, args.requests, args.clients))
-        batches_before = [ledger_batches(server.url) for server in servers]
+        batches_before = [ledger_batches(server.url) for server in servers[1:]]  # the metered ones
         rates: list[list[float]] = [[] for _ in configs]
         cpu: list[list[float]] = [[] for _ in configs]  # request-path CPU ms per request, each round
         pg_cpu: list[list[float]] = [[] for _ in configs]  # PostgreSQL's CPU ms per request, each round
@@ -607,7 +611,7 @@ def metered_main(args: argparse.Namespace) -> None:
                 print(f"round {r + 1}: {configs[i][0]}: {rate:.1f} req/s", flush=True)
         # requests per ledger batch over the recorded rounds: what metering's per-batch costs are spread over
         per_batch = ["–"]  # the unmetered server has no ledger
-        for server, before in zip(servers[1:], batches_before[1:], strict=True):
+        for server, before in zip(servers[1:], batches_before, strict=True):
             after = ledger_batches(server.url)
             admits, settles = (
                 (after[k][1] - before[k][1]) / max(after[k][0] - before[k][0], 1) for k in after
