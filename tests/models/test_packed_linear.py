@@ -115,3 +115,30 @@ def test_a_packed_model_matches_the_unpacked_one_and_fuses_its_projections(qkv_b
     with torch.inference_mode(), packed_weights():
         assert attn._qkv.applies(torch.zeros(4, 64), (attn.q_proj, attn.k_proj, attn.v_proj))
         torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["module", "parameter", "storage", "bias"])
+def test_a_fused_copy_is_not_used_once_a_projection_or_its_parameters_are_replaced(change):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=97, n_layer=1, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, qkv_bias=True
+    )
+    model = build_model(cfg)
+    pack_linears(model)
+    attn, ids = model.layers[0].self_attn, torch.randint(0, 97, (2, 9))
+    projections = lambda: (attn.q_proj, attn.k_proj, attn.v_proj)  # noqa: E731 - read after the change
+    with torch.inference_mode(), packed_weights():
+        assert attn._qkv.applies(torch.zeros(4, 64), projections())
+    with torch.no_grad():
+        if change == "module":  # what wrapping a projection (LoRA) does
+            attn.v_proj = Linear(64, attn.v_proj.out_features, bias=True)
+        elif change == "parameter":
+            attn.v_proj.weight = torch.nn.Parameter(torch.randn_like(attn.v_proj.weight))
+        elif change == "storage":  # no version bump: what module.to() does
+            attn.v_proj.weight.data = torch.randn_like(attn.v_proj.weight)
+        else:
+            attn.v_proj.bias = torch.nn.Parameter(torch.randn_like(attn.v_proj.bias))
+        ref = model(ids)
+    with torch.inference_mode(), packed_weights():
+        assert not attn._qkv.applies(torch.zeros(4, 64), projections())
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
