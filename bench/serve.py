@@ -614,7 +614,7 @@ def metered_main(args: argparse.Namespace) -> None:
         for server, before in zip(servers[1:], batches_before, strict=True):
             after = ledger_batches(server.url)
             admits, settles = (
-                (after[k][1] - before[k][1]) / max(after[k][0] - before[k][0], 1) for k in after
+                (after[k][1] - before[k][1]) / max(after[k][0] - before[k][0], 1) for k in ("admit", "settle")
             )
             per_batch.append(f"{admits:.1f}, {settles:.1f}")
     finally:

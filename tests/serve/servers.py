@@ -68,6 +68,14 @@ def wait_ready(
     raise RuntimeError(f"server not ready:\n{output()}")
 
 
+def metric(url: str, sample: str) -> float:
+    """One sample's value on a server's /metrics page (`name{labels}` as written); KeyError if absent."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[1])
+    raise KeyError(sample)
+
+
 def new_key(db: Database, tenant: str = "acme", **kw) -> tuple[auth.ApiKey, str]:
     """A key of `tenant`, created first when it does not exist yet: the key and its secret."""
     if tenant not in {t.name for t in auth.list_tenants(db)}:

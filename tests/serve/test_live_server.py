@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve.servers import free_port, wait_ready
+from tests.serve.servers import free_port, metric, wait_ready
 
 openai = pytest.importorskip("openai")
 
@@ -39,10 +39,7 @@ class Server:
         wait_ready(self.url, self.proc, self.proc.stdout.read)
 
     def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        return metric(self.url, name)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

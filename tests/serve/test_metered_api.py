@@ -33,7 +33,7 @@ from lmforge.serve.routes.openai import Meter
 from lmforge.serve.settings import Settings
 from tests.serve.conftest import recorded_statements
 from tests.serve.fake_engine import FakeEngine
-from tests.serve.servers import bearer, ledger_rows, new_key, sdk, serving_app, settled_row
+from tests.serve.servers import bearer, ledger_rows, metric, new_key, sdk, serving_app, settled_row
 
 MODEL = "smollm2-test"
 REPLY = " Hello there, friend! How are you today?"
@@ -342,11 +342,9 @@ def test_non_streamed_and_streamed_completions_bill_what_the_client_was_told(url
     assert (row.status, row.completion_tokens) == ("completed", 4)
     assert_books_balance(database)
     # /metrics counts the ledger's batches: four requests one after another, four admits and four settles
-    metrics = httpx.get(f"{url}/metrics").text
     for kind in ("admit", "settle"):
         for stat in ("count", "sum"):
-            found = re.search(rf'^lmforge_ledger_batch_size_{stat}{{kind="{kind}"}} (\S+)$', metrics, re.M)
-            assert found and float(found[1]) == 4.0, (kind, stat, metrics)
+            assert metric(url, f'lmforge_ledger_batch_size_{stat}{{kind="{kind}"}}') == 4.0, (kind, stat)
 
 
 def test_the_request_paths_database_work_runs_on_the_one_ledger_thread(database, engine, tokenizer):
