@@ -3,6 +3,7 @@ subprocess to be ready, API keys and the ledger read straight from the database.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -74,6 +75,25 @@ def metric(url: str, sample: str) -> float:
         if line.startswith(sample + " "):
             return float(line.split()[1])
     raise KeyError(sample)
+
+
+def post_and_leave(url: str, path: str, body: dict, secret: str, generating: Callable[[], bool],
+                   linger_s: float = 0.2) -> None:  # fmt: skip
+    """POST `body` to `url + path` and hang up `linger_s` after `generating()` turns true: a client that leaves
+    mid-generation however long the server took to start (a read timeout would race the server's start)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {secret}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        deadline = time.monotonic() + 10
+        while not generating():
+            assert time.monotonic() < deadline, "the server never started generating"
+            time.sleep(0.01)
+        time.sleep(linger_s)
 
 
 def new_key(db: Database, tenant: str = "acme", **kw) -> tuple[auth.ApiKey, str]:
