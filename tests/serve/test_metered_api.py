@@ -404,10 +404,7 @@ def test_client_leaving_before_the_stream_starts_is_settled(url, database, engin
     _, secret = new_key(database)
     engine.delay = 0.3
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            url + "/v1/completions", json=body, headers=bearer(secret), timeout=httpx.Timeout(5, read=0.1)
-        )
+    post_and_leave(url, "/v1/completions", body, secret, lambda: bool(engine.running), linger_s=0)
     (_, _, rid) = engine.requests[0]
     row = settled_row(database, rid.rsplit("-", 1)[0])
     assert row.status == "cancelled" and 1 <= row.completion_tokens <= 3  # the first token(s), not 1000
@@ -518,7 +515,9 @@ def test_request_cancelled_by_shutdown_is_still_settled(database, engine, tokeni
             daemon=True,
         )
         pending.start()
-        while not ledger_rows(database):
+        deadline = time.monotonic() + 10
+        while not engine.running:  # it was admitted and is generating
+            assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.2)
     (row,) = ledger_rows(database)
@@ -602,10 +601,14 @@ def test_start_up_settles_what_a_dead_process_left_pending(database, engine, tok
         assert [b.id for b in beats] == [
             ledger_rows(database)[-1].instance_id
         ]  # only this live process is left
-        time.sleep(0.3)
-        with database.read() as conn:
-            later = conn.execute(sa.select(instances.c.heartbeat_at)).scalar_one()
-        assert later > beats[0].heartbeat_at  # it heartbeats
+        deadline = time.monotonic() + 5
+        while True:  # it heartbeats (every 0.1 s)
+            with database.read() as conn:
+                later = conn.execute(sa.select(instances.c.heartbeat_at)).scalar_one()
+            if later > beats[0].heartbeat_at:
+                break
+            assert time.monotonic() < deadline, "no heartbeat in 5 s"
+            time.sleep(0.05)
     assert settled_row(database, r.id).status == "completed"
     with database.read() as conn:  # a clean shutdown unregisters the process
         assert conn.execute(sa.select(instances)).all() == []

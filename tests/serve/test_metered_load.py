@@ -215,9 +215,15 @@ def months(db: Database) -> list:
         return conn.execute(sa.select(tenant_months)).all()
 
 
-def assert_consistent(db: Database, *, settled: bool = True) -> list:
-    """No half-written row; each tenant month's spent/reserved are the sums of its rows. The ledger."""
+def assert_consistent(db: Database, *, settled: bool = True, settle_s: float = 0.0) -> list:
+    """No half-written row; each tenant month's spent/reserved are the sums of its rows. The ledger, once no
+    row is pending or `settle_s` has passed (cancelled rows settle as their streams unwind, just after the
+    clients hang up)."""
+    deadline = time.monotonic() + settle_s
     rows = ledger_rows(db)
+    while any(r.status == "pending" for r in rows) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = ledger_rows(db)
     for r in rows:
         if r.status == "pending":
             assert not settled, r
@@ -283,13 +289,7 @@ def test_200_concurrent_requests_bill_exactly(tiny_model, tmp_path):
         statuses = {o.status for o in outcomes}
         assert statuses <= {"completed", "cancelled", "insufficient_quota", "rate_limit_exceeded"}, outcomes
         assert sum(o.status == "cancelled" for o in outcomes) >= 28  # 32 sent, key 7 may lose 4 to its RPM
-        rows = ledger_rows(db)
-        # cancelled rows are settled as their streams unwind, just after the clients hang up
-        deadline = time.monotonic() + 10
-        while any(r.status == "pending" for r in rows) and time.monotonic() < deadline:
-            time.sleep(0.1)
-            rows = ledger_rows(db)
-        rows = assert_consistent(db)
+        rows = assert_consistent(db, settle_s=10)
         assert_told_equals_billed(outcomes, rows)
         assert_limits_held(outcomes, rows, db)
         for t in ("tenant0", "tenant1", "tenant2", "tenant3", "capped"):  # the invoice agrees with the rows
@@ -365,8 +365,7 @@ def test_kill_9_mid_load_then_restart_releases_every_hold(tiny_model, tmp_path):
         assert_told_equals_billed(done, [r for r in after if r.request_id not in pending])
         more = asyncio.run(load([restarted.url], secrets[:8], n=8))
         assert all(o.status in ("completed", "cancelled") for o in more)
-        time.sleep(0.5)
-        assert len(assert_consistent(db)) == len(after) + len(more)
+        assert len(assert_consistent(db, settle_s=10)) == len(after) + len(more)
     finally:
         assert restarted.stop() == 0, restarted.log.read_text()
         db.close()
@@ -394,8 +393,7 @@ def test_two_servers_on_one_postgres_hold_budget_and_rpm(tiny_model, tmp_path):
             for s in servers:
                 s.wait_ready()
             outcomes = asyncio.run(load([s.url for s in servers], secrets))
-            time.sleep(0.5)
-            rows = assert_consistent(db)
+            rows = assert_consistent(db, settle_s=10)
             assert_told_equals_billed(outcomes, rows)
             assert_limits_held(outcomes, rows, db)
             # each server alone saw 20 of the capped tenant's 40 requests and 10 of key 7's 20, so either
