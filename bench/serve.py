@@ -52,8 +52,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -140,17 +142,84 @@ def pct(xs: list[float], q: float) -> float:
     return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, st: Stats) -> None:
+class Connection:
+    """One load client's keep-alive HTTP/1.1 connection, on bare asyncio streams. The client shares this
+    machine's cores with the server, so it must be light: streaming through httpx cost ~230 us of client CPU a
+    token and this ~75, which gave the server 2-3% more tokens/s at 16 clients (bench/RESULTS.md, 2026-11-24)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port, self.netloc = parts.hostname or "127.0.0.1", parts.port or 80, parts.netloc
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def sse(self, path: str, body: dict) -> AsyncIterator[bytes]:
+        """POST `body` as JSON: the `data:` fields of the server-sent events that answer it (chunked, sized or
+        read to the end; any line ending). RuntimeError for a status other than 200."""
+        payload = json.dumps(body).encode()
+        request = (
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (path.encode(), self.netloc.encode(), len(payload))
+        ) + payload
+        while True:
+            reused = self.streams is not None
+            if self.streams is None:
+                self.streams = await asyncio.open_connection(self.host, self.port)
+            reader, writer = self.streams
+            writer.write(request)
+            try:
+                head = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+                break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                self.close()
+                if not reused:
+                    raise
+                # the server had closed this idle keep-alive connection: send it again on a new one
+        status = int(head[0].split()[1])
+        fields = {
+            k.strip().lower(): v.strip().lower() for k, _, v in (h.partition(b":") for h in head[1:] if h)
+        }
+        chunked, length = fields.get(b"transfer-encoding") == b"chunked", fields.get(b"content-length")
+        keep_alive = fields.get(b"connection") != b"close" and (chunked or length is not None)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            if chunked:
+                while size := int((await reader.readline()).split(b";")[0], 16):
+                    yield (await reader.readexactly(size + 2))[:-2]
+                await reader.readuntil(b"\r\n")  # the empty line after the last chunk
+            elif length is not None:
+                yield await reader.readexactly(int(length))
+            else:
+                yield await reader.read()  # to the end: the server closes the connection
+
+        if status != 200:
+            text = b"".join([piece async for piece in pieces()])
+            self.close()
+            raise RuntimeError(f"HTTP {status}: {text[:200].decode(errors='replace')}")
+        pending = b""
+        async for piece in pieces():
+            pending = (pending + piece).replace(b"\r\n", b"\n")
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        yield line[5:].strip()
+        if not keep_alive:
+            self.close()
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+async def one_request(conn: Connection, body: dict, st: Stats) -> None:
     t0 = time.perf_counter()
     last: float | None = None
     ttft, gaps, deltas, usage = None, [], 0, None
     try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data:") or (data := line[5:].strip()) == "[DONE]":
+        async with asyncio.timeout(600):
+            async for data in conn.sse("/v1/chat/completions", body):
+                if data == b"[DONE]":
                     continue
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -163,7 +232,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, st: Stats
                     else:
                         gaps.append(now - last)
                     last, deltas = now, deltas + 1
-    except (httpx.HTTPError, RuntimeError, json.JSONDecodeError) as e:
+    except (OSError, EOFError, TimeoutError, ValueError, RuntimeError, asyncio.LimitOverrunError) as e:
+        conn.close()  # its state is unknown: the next request opens a new one
         st.errors += 1
         print(f"  request failed: {e!r}", file=sys.stderr)
         return
@@ -226,23 +296,27 @@ def ledger_batches(url: str) -> dict[str, tuple[float, float]]:
 async def run_load(url: str, bodies: list[dict], concurrency: int) -> Stats:
     """Warm up with one request, then send `bodies` with at most `concurrency` in flight."""
     st = Stats()
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        warm = {**bodies[0], "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
-        await one_request(client, url, warm, Stats())
-        before = await cache_counters(client, url)
-        queue = list(reversed(bodies))
+    conns = [Connection(url) for _ in range(concurrency)]
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
+            warm = {**bodies[0], "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+            await one_request(conns[0], warm, Stats())
+            before = await cache_counters(client, url)
+            queue = list(reversed(bodies))
 
-        async def worker() -> None:
-            while queue:
-                await one_request(client, url, queue.pop(), st)
+            async def worker(conn: Connection) -> None:
+                while queue:
+                    await one_request(conn, queue.pop(), st)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        st.wall = time.perf_counter() - t0
-        after = await cache_counters(client, url)
-        if before and after:
-            st.cache = (after[0] - before[0], after[1] - before[1])
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(c) for c in conns))
+            st.wall = time.perf_counter() - t0
+            after = await cache_counters(client, url)
+            if before and after:
+                st.cache = (after[0] - before[0], after[1] - before[1])
+    finally:
+        for c in conns:
+            c.close()
     return st
 
 
@@ -678,8 +752,8 @@ def record(
         f"\n## serve.py — {datetime.date.today()} — {machine}",
         "",
         f"`{model}` via {name}, streaming chat, temperature 0, {eos}, max_tokens {args.max_tokens}, "
-        f"{args.requests} requests per concurrency level (one warm-up request first), {threads}the asyncio "
-        "client on the same machine. TTFT: request sent to first content delta; ITL: gaps between deltas.",
+        f"{args.requests} requests per concurrency level (one warm-up request first), {threads}the load "
+        "client (bare asyncio streams, one keep-alive connection per client) on the same machine. TTFT: request sent to first content delta; ITL: gaps between deltas.",
         "",
         *levels,
         "",
