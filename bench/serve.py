@@ -267,9 +267,10 @@ def chat_body(model: str, question: str, max_tokens: int, system: str | None = N
     }
 
 
-async def cache_counters(client: httpx.AsyncClient, url: str) -> tuple[float, float] | None:
+def cache_counters(url: str) -> tuple[float, float] | None:
+    """The server's prefix cache hits and queries so far, from /metrics; None where it has no such page."""
     try:
-        text = (await client.get(f"{url}/metrics")).text
+        text = httpx.get(f"{url}/metrics", timeout=30).text
     except httpx.HTTPError:
         return None
     hits, queries = (_sample(text, f"lmforge_prefix_cache_{k}_total") for k in ("hits", "queries"))
@@ -298,22 +299,21 @@ async def run_load(url: str, bodies: list[dict], concurrency: int) -> Stats:
     st = Stats()
     conns = [Connection(url) for _ in range(concurrency)]
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
-            warm = {**bodies[0], "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
-            await one_request(conns[0], warm, Stats())
-            before = await cache_counters(client, url)
-            queue = list(reversed(bodies))
+        warm = {**bodies[0], "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+        await one_request(conns[0], warm, Stats())
+        before = cache_counters(url)
+        queue = list(reversed(bodies))
 
-            async def worker(conn: Connection) -> None:
-                while queue:
-                    await one_request(conn, queue.pop(), st)
+        async def worker(conn: Connection) -> None:
+            while queue:
+                await one_request(conn, queue.pop(), st)
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker(c) for c in conns))
-            st.wall = time.perf_counter() - t0
-            after = await cache_counters(client, url)
-            if before and after:
-                st.cache = (after[0] - before[0], after[1] - before[1])
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in conns))
+        st.wall = time.perf_counter() - t0
+        after = cache_counters(url)
+        if before and after:
+            st.cache = (after[0] - before[0], after[1] - before[1])
     finally:
         for c in conns:
             c.close()
@@ -753,7 +753,8 @@ def record(
         "",
         f"`{model}` via {name}, streaming chat, temperature 0, {eos}, max_tokens {args.max_tokens}, "
         f"{args.requests} requests per concurrency level (one warm-up request first), {threads}the load "
-        "client (bare asyncio streams, one keep-alive connection per client) on the same machine. TTFT: request sent to first content delta; ITL: gaps between deltas.",
+        "client (bare asyncio streams, one keep-alive connection per client) on the same machine. "
+        "TTFT: request sent to first content delta; ITL: gaps between deltas.",
         "",
         *levels,
         "",

@@ -77,6 +77,14 @@ def metric(url: str, sample: str) -> float:
     raise KeyError(sample)
 
 
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0, poll_s: float = 0.01) -> None:
+    """Poll `condition` until it holds; fail with `what` (the awaited event) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(poll_s)
+
+
 def post_and_leave(url: str, path: str, body: dict, secret: str, generating: Callable[[], bool],
                    linger_s: float = 0.2) -> None:  # fmt: skip
     """POST `body` to `url + path` and hang up `linger_s` after `generating()` turns true: a client that leaves
@@ -89,10 +97,7 @@ def post_and_leave(url: str, path: str, body: dict, secret: str, generating: Cal
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
             + data
         )
-        deadline = time.monotonic() + 10
-        while not generating():
-            assert time.monotonic() < deadline, "the server never started generating"
-            time.sleep(0.01)
+        wait_until(generating, "the server started generating")
         time.sleep(linger_s)
 
 

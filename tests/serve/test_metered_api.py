@@ -42,6 +42,7 @@ from tests.serve.servers import (
     sdk,
     serving_app,
     settled_row,
+    wait_until,
 )
 
 MODEL = "smollm2-test"
@@ -515,10 +516,7 @@ def test_request_cancelled_by_shutdown_is_still_settled(database, engine, tokeni
             daemon=True,
         )
         pending.start()
-        deadline = time.monotonic() + 10
-        while not engine.running:  # it was admitted and is generating
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: bool(engine.running), "the request was admitted and is generating")
         time.sleep(0.2)
     (row,) = ledger_rows(database)
     assert row.status == "cancelled" and row.completion_tokens > 0 and row.reserved_pusd == 0
@@ -601,14 +599,12 @@ def test_start_up_settles_what_a_dead_process_left_pending(database, engine, tok
         assert [b.id for b in beats] == [
             ledger_rows(database)[-1].instance_id
         ]  # only this live process is left
-        deadline = time.monotonic() + 5
-        while True:  # it heartbeats (every 0.1 s)
+
+        def heartbeat_at():
             with database.read() as conn:
-                later = conn.execute(sa.select(instances.c.heartbeat_at)).scalar_one()
-            if later > beats[0].heartbeat_at:
-                break
-            assert time.monotonic() < deadline, "no heartbeat in 5 s"
-            time.sleep(0.05)
+                return conn.execute(sa.select(instances.c.heartbeat_at)).scalar_one()
+
+        wait_until(lambda: heartbeat_at() > beats[0].heartbeat_at, "a heartbeat (every 0.1 s)", timeout=5)
     assert settled_row(database, r.id).status == "completed"
     with database.read() as conn:  # a clean shutdown unregisters the process
         assert conn.execute(sa.select(instances)).all() == []
