@@ -229,7 +229,8 @@ def test_admits_for_the_engine_wait_for_its_step_end_and_settles_do_not(database
     async def main() -> list[float]:
         ledger_thread = Ledger(database, lambda now: max(0.0, step_end["at"] - now))
         try:
-            step_end["at"] = time.monotonic() + 0.2 + ADMIT_LEAD_S  # the step ends in 0.2 s (and the lead)
+            # the step ends in 0.6 s (and the lead): the second admit, 50 ms after the first, has 0.55 s to spare
+            step_end["at"] = time.monotonic() + 0.6 + ADMIT_LEAD_S
             first = ledger_thread.admit(batch_request(key, "a0"), at_step_end=True)
             await asyncio.sleep(0.05)
             second = ledger_thread.admit(batch_request(key, "a1"), at_step_end=True)
@@ -253,8 +254,8 @@ def test_admits_for_the_engine_wait_for_its_step_end_and_settles_do_not(database
     at_step_end, with_settle, upstream, capped = asyncio.run(main())
     assert calls == [("admit_many", 2), ("settle_many", 1), ("admit_many", 2), ("admit_many", 1),
                      ("admit_many", 1)]  # fmt: skip
-    assert 0.19 <= at_step_end < 2.0
-    assert with_settle < 2.0 and upstream < 2.0  # not the 5 s that the 10 s step would allow
-    assert 0.14 <= capped < 2.0
+    assert 0.59 <= at_step_end < 3.0
+    assert with_settle < 3.0 and upstream < 3.0  # not the 5 s that the 10 s step would allow
+    assert 0.14 <= capped < 3.0
     assert [r.request_id for r in ledger(database)] == ["r0", "a0", "a1", "b0", "b1", "c0", "d0"]
     assert_ledger_consistent(database)

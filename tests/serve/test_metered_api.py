@@ -537,13 +537,16 @@ def test_a_request_cancelled_while_the_ledger_admits_it_releases_its_hold_at_onc
                   billed=lambda: (5, 0))  # fmt: skip
 
     async def main() -> None:
-        busy = state.ledger.run(time.sleep, 0.3)  # the ledger thread is busy: the admit queues behind it
+        gate = threading.Event()
+        busy = state.ledger.run(gate.wait, 30)  # the ledger thread is busy: the admit queues behind it
         admitting = asyncio.ensure_future(meter.admit())
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the admit is queued (its first loop turn) and waits for the ledger
         admitting.cancel()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, gate.set)  # the ledger goes on while the cancelled task waits for the outcome
         with pytest.raises(asyncio.CancelledError):
             await admitting
-        await busy
+        assert await busy
 
     asyncio.run(main())
     state.ledger.close()
