@@ -3,11 +3,12 @@
     python bench/decode_step.py [--model smollm2-135m-instruct] [--batches 1,16] [--prompt-tokens 64]
                                 [--steps 48] [--record] [--default-only]
 
-For each batch size, four engines over the same weights (each its own module tree), each adding one thing to
+For each batch size, five engines over the same weights (each its own module tree), each adding one thing to
 the one before: unpacked (MKL's sgemm, `pack_weights=False`), every Linear packed on its own (oneDNN), packed
-with q/k/v and gate/up fused, and that with the decodes reading a dense copy of their keys and values
-(`kv_cache.DenseDecode`) instead of gathering them from the paged cache: the default. The first three gather
-(`dense_decode_mb=0`). Their sequences are prefilled (prompts of --prompt-tokens from tinyshakespeare) and a
+with q/k/v and gate/up fused, that with the decodes reading a dense copy of their keys and values
+(`kv_cache.DenseDecode`) instead of gathering them from the paged cache, and that with the norms, SwiGLU and
+the dense decode attention as fused C kernels (`models/kernels.py`): the default. The first three gather
+(`dense_decode_mb=0`); only the last has `fused_kernels`. Their sequences are prefilled (prompts of --prompt-tokens from tinyshakespeare) and a
 few steps into decoding; then the engines are stepped in turn, so background load hits them equally, and each
 reports its median step (the contexts grow by one token a step). --default-only times the default engine
 alone and prints one line per batch size, `BATCH MEDIAN_MS` (bench/serve.py's yardstick for the hour).
@@ -33,14 +34,24 @@ from lmforge.models.layers import pack_linears
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-CASES = ("unpacked", "packed, one by one", "packed, q/k/v and gate/up fused", "fused + dense KV copy")
+CASES = (
+    "unpacked",
+    "packed, one by one",
+    "packed, q/k/v and gate/up fused",
+    "fused + dense KV copy",
+    "+ C kernels",
+)
 
 
 def engine_for(ck, case: str, prompts: list[list[int]]) -> LLMEngine:
     model = build_model(ck.model.config, ck.model.state_dict())
-    dense_mb = 256 if case == CASES[3] else 0
+    dense_mb = 256 if case in CASES[3:] else 0
     config = EngineConfig(
-        kv_cache_mb=256, max_num_seqs=len(prompts), pack_weights=False, dense_decode_mb=dense_mb
+        kv_cache_mb=256,
+        max_num_seqs=len(prompts),
+        pack_weights=False,
+        dense_decode_mb=dense_mb,
+        fused_kernels=case == CASES[4],
     )
     engine = LLMEngine(model, config)
     if case != "unpacked":

@@ -73,7 +73,7 @@ def generate(
         n = min(prefill_chunk, len(ids) - done)
         batch = CacheBatch.build([table], [done], [n], block_size, device, cfg.sliding_window)
         pos = torch.arange(done, done + n, device=device)
-        with packed_weights():
+        with packed_weights(fused_kernels=device.type == "cpu"):
             logits = model(
                 ids[done : done + n],
                 positions=pos,
@@ -100,7 +100,9 @@ def generate(
             update_counts(counts, res.token_ids)
         pos = len(prompt_ids) + step
         batch = CacheBatch.build([table], [pos], [1], block_size, device, cfg.sliding_window)
-        with packed_weights():  # not around the yield: the caller's code runs between tokens
+        with packed_weights(
+            fused_kernels=device.type == "cpu"
+        ):  # not around the yield: the caller's code runs between tokens
             logits = model(
                 res.token_ids, positions=torch.tensor([pos], device=device), cache=cache, batch=batch
             )

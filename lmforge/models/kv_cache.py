@@ -209,6 +209,8 @@ class DensePlan:
     append: torch.Tensor
     length: int  # context positions attended: the longest decode context
     bias: torch.Tensor  # (Bd, 1, length): the batch's decode_bias in row order
+    last: torch.Tensor  # (Bd,) long: each row's new position (its context length - 1)
+    first: torch.Tensor  # (Bd,) long: each row's first attended position (0, or the sliding window's start)
     _bias_cache: dict = field(default_factory=dict, repr=False)
 
     def bias_for(self, n_kv_head: int, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -287,6 +289,8 @@ class DenseDecode:
         capacity, nkv = self.shape[1], self.cache.config.n_kv_head
         last = torch.tensor(ctx, dtype=torch.long)[index] - 1  # each row's new position
         append = (torch.arange(bd)[:, None] * nkv + torch.arange(nkv)) * capacity + last[:, None]
+        window = batch.sliding_window
+        first = torch.zeros_like(last) if window is None else (last + 1 - window).clamp(min=0)
         index, device = index.to(self.cache.device), self.cache.device
         batch.dense = DensePlan(
             self.k,
@@ -295,6 +299,8 @@ class DenseDecode:
             append=append.view(-1).to(device),
             length=max(ctx),
             bias=batch.decode_bias[index],
+            last=last.to(device),
+            first=first.to(device),
         )
 
     def _kept(self, keys: list[object], ctx: list[int]) -> dict[object, int]:

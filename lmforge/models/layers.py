@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models import kernels
 from lmforge.models.config import ModelConfig
 from lmforge.models.kv_cache import CacheBatch, SeqSlice
 
@@ -157,20 +158,23 @@ def _packed_path(x: torch.Tensor) -> bool:
 
 class _Runtime(threading.local):
     packed = False
+    kernels = False  # the fused C kernels (models/kernels.py) for norms, SwiGLU and dense decode attention
 
 
 _runtime = _Runtime()
 
 
 @contextmanager
-def packed_weights() -> Iterator[None]:
-    """Use the packed copies (on this thread, inside the block): the engine's steps and generate() run in one.
+def packed_weights(fused_kernels: bool = True) -> Iterator[None]:
+    """Use the packed copies (on this thread, inside the block), and with `fused_kernels` the C kernels where
+    they load (fp32 CPU models only: the caller says so): the engine's steps and generate() run in one.
     Everywhere else a packed model computes exactly as an unpacked one (the same weights, the same logits)."""
-    before, _runtime.packed = _runtime.packed, True
+    before = _runtime.packed, _runtime.kernels
+    _runtime.packed, _runtime.kernels = True, fused_kernels and kernels.lib() is not None
     try:
         yield
     finally:
-        _runtime.packed = before
+        _runtime.packed, _runtime.kernels = before
 
 
 class RMSNorm(nn.Module):
@@ -181,6 +185,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused op; same values as the spelled-out form below
+            if (
+                _runtime.kernels
+                and x.shape[-1] % 8 == 0
+                and x.is_contiguous()
+                and not torch.is_grad_enabled()
+            ):
+                return kernels.rms_norm(x, self.weight, self.eps)  # one pass instead of six ops
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 whatever the model dtype, as Llama does.
         dtype = x.dtype
@@ -345,6 +356,18 @@ class Attention(nn.Module):
         plan, hs = batch.dense, self.head_dim
         nkv, g = self.n_kv_head, self.n_head // self.n_kv_head
         self._check_window(batch)
+        if (
+            _runtime.kernels
+            and kernels.fits(q, k, v)
+            and q.stride(1) == k.stride(1) == v.stride(1) == hs
+            and (y is None or y.is_contiguous())
+        ):
+            y = (
+                q.new_empty(q.shape) if y is None else y
+            )  # (N, nh, hs) contiguous, from here or _attend_cached
+            return kernels.dense_decode_attention(
+                q, k, v, k_dense, v_dense, plan.order, plan.last, plan.first, plan.length, y
+            )
         for new, dense in ((k, k_dense), (v, v_dense)):
             dense.view(-1, hs).index_copy_(0, plan.append, new.index_select(0, plan.order).view(-1, hs))
         bd, length, capacity = plan.order.numel(), plan.length, k_dense.shape[2]
@@ -430,7 +453,15 @@ class MLP(nn.Module):
         if not self.gated:
             return self.down_proj(self.act(self.up_proj(x)))
         if self._gate_up is not None and self._gate_up.applies(x, (self.gate_proj, self.up_proj)):
-            gate, up = self._gate_up(x).chunk(2, dim=-1)
+            gate_up = self._gate_up(x)
+            if (
+                _runtime.kernels
+                and self.act is F.silu
+                and gate_up.shape[-1] % 16 == 0
+                and gate_up.is_contiguous()
+            ):
+                return self.down_proj(kernels.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(self.act(gate).mul_(up))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 

@@ -1,0 +1,153 @@
+"""The fused C kernels (lmforge/models/kernels.py) against the PyTorch ops they replace, and the engine with and
+without them on the default model."""
+
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.engine import EngineConfig, LLMEngine
+from lmforge.engine.types import SamplingParams
+from lmforge.models import kernels
+from lmforge.models.gpt import build_model
+
+BUILDABLE = platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= kernels._cpu_flags()
+HAVE_CC = shutil.which("cc") or shutil.which("gcc")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if not (BUILDABLE and HAVE_CC):
+        pytest.skip(f"the kernels need x86-64 with AVX2 and FMA and a C compiler ({platform.machine()})")
+    return kernels.lib()
+
+
+def test_the_kernels_build_and_load_where_they_can(lib):
+    # a machine with the CPU and the compiler must get them: None here would silently mean the slow path
+    assert lib is not None
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 8), (16, 576), (37, 1024)])
+def test_rms_norm_matches_pytorch(lib, rows, dim):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, dim, generator=g) * 3
+    w = torch.randn(dim, generator=g)
+    torch.testing.assert_close(
+        kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (dim,), w, 1e-5), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_silu_mul_matches_pytorch_including_the_tails(lib):
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(16, 2 * 1536, generator=g) * 6
+    gate_up[0, :8] = torch.tensor([-200.0, -88.0, -30.0, -1e-6, 0.0, 1e-6, 30.0, 200.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
+
+
+def reference_attention(q, k, v, k_dense, v_dense, order, last, first):
+    """The same computation spelled out per row and kv head, on copies."""
+    k_dense, v_dense = k_dense.clone(), v_dense.clone()
+    nkv, hd = k_dense.shape[1], k_dense.shape[3]
+    group = q.shape[1] // nkv
+    out = {}
+    for r, t in enumerate(order.tolist()):
+        k_dense[r, :, last[r]], v_dense[r, :, last[r]] = k[t], v[t]
+        lo, hi = int(first[r]), int(last[r]) + 1
+        heads = []
+        for h in range(nkv):
+            qh = q[t, h * group : (h + 1) * group].double()
+            att = torch.softmax(qh @ k_dense[r, h, lo:hi].double().T / hd**0.5, dim=-1)
+            heads.append(att @ v_dense[r, h, lo:hi].double())
+        out[t] = torch.cat(heads).float()
+    return out, k_dense, v_dense
+
+
+@pytest.mark.parametrize(
+    "nkv,group,hd,window",
+    [(3, 3, 64, None), (1, 4, 128, None), (2, 1, 32, None), (3, 3, 64, 9), (2, 2, 72, None)],
+    ids=["smollm2", "mqa-128", "mha-32", "window", "hd-72"],
+)
+def test_dense_decode_attention_matches_a_spelled_out_reference(lib, nkv, group, hd, window):
+    g = torch.Generator().manual_seed(hd + group)
+    rows, cap, n_tokens = 7, 160, 11  # 7 decode rows among 11 flat-batch tokens (the others: prefill rows)
+    nh = nkv * group
+    qkv = torch.randn(
+        n_tokens, nh + 2 * nkv, hd, generator=g
+    )  # the fused product's layout: q, k, v side by side
+    q, k, v = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
+    k_dense = torch.randn(rows, nkv, cap, hd, generator=g)
+    v_dense = torch.randn(rows, nkv, cap, hd, generator=g)
+    order = torch.randperm(n_tokens, generator=g)[:rows]
+    ctx = torch.tensor([1, 2, 8, 9, 63, 150, 160])  # 1 position, tails of every length mod 8, a full row
+    last = ctx - 1
+    first = torch.zeros_like(last) if window is None else (ctx - window).clamp(min=0)
+    y = torch.full((n_tokens, nh, hd), 7.0)
+    expected, k_ref, v_ref = reference_attention(q, k, v, k_dense, v_dense, order, last, first)
+    kernels.dense_decode_attention(q, k, v, k_dense, v_dense, order, last, first, int(ctx.max()), y)
+    for t in range(n_tokens):
+        if t in expected:
+            torch.testing.assert_close(y[t], expected[t], rtol=1e-5, atol=1e-5)
+        else:
+            assert (y[t] == 7.0).all()  # a prefill token's row is left to the prefill's attention
+    assert torch.equal(k_dense, k_ref) and torch.equal(v_dense, v_ref)  # the new keys/values appended exactly
+
+
+def test_engine_with_and_without_the_kernels(lib, smollm2):
+    """The default model's 12 sequences decoded together: the same greedy tokens, and log-probabilities within
+    fp32 rounding of each other."""
+    prompts = [
+        smollm2.tokenizer.encode(f"Question {i}: what is {i} + {2 * i}? Answer briefly.") for i in range(12)
+    ]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    runs = []
+    for fused in (True, False):
+        model = build_model(smollm2.model.config, smollm2.model.state_dict())
+        engine = LLMEngine(model, EngineConfig(kv_cache_mb=64, fused_kernels=fused))
+        assert engine.fused_kernels is fused
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        got = {f"r{i}": [] for i in range(len(prompts))}
+        while engine.has_unfinished:
+            for out in engine.step():
+                got[out.request_id] += [(lp.token_id, lp.logprob) for lp in out.new_logprobs]
+        runs.append(got)
+    with_kernels, without = runs
+    for rid in with_kernels:
+        assert [t for t, _ in with_kernels[rid]] == [t for t, _ in without[rid]], rid
+        for (_, a), (_, b) in zip(with_kernels[rid], without[rid], strict=True):
+            assert a == pytest.approx(b, abs=1e-3)
+
+
+def test_unavailable_kernels_mean_the_pytorch_ops(monkeypatch, tmp_path, caplog):
+    """A compiler that fails (or none, or LMFORGE_KERNELS=0): lib() is None, said once in the log, and
+    packed_weights() runs the PyTorch ops."""
+    from lmforge.models import layers
+
+    failing = tmp_path / "cc"
+    failing.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo fake-cc 1.0 && exit 0\necho 'no such luck' >&2\nexit 1\n"
+    )
+    failing.chmod(0o755)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("CC", str(failing))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    if BUILDABLE:
+        with caplog.at_level(logging.WARNING, logger="lmforge.models.kernels"):
+            assert kernels.lib() is None
+        assert "failed: no such luck" in caplog.text
+        assert not list(Path(tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
+        assert not list(Path(tmp_path / "cache").rglob("*.tmp"))
+    assert kernels.lib() is None
+    with layers.packed_weights():
+        assert layers._runtime.kernels is False
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("LMFORGE_KERNELS", "0")
+    monkeypatch.delenv("CC")
+    assert kernels.lib() is None
