@@ -254,6 +254,13 @@ def serve(
             help="Keep oneDNN-packed copies of the weights (CPU fp32): faster decoding, 2x weight memory."
         ),
     ] = True,
+    fused_kernels: Annotated[
+        bool,
+        typer.Option(
+            help="Norms, SwiGLU and decode attention as C kernels built with the system's cc on first use "
+            "(CPU fp32, AVX2; PyTorch's ops where they cannot load)."
+        ),
+    ] = True,
     drain_timeout: Annotated[
         float, typer.Option(help="Seconds running requests get to finish on SIGTERM.")
     ] = 30.0,
@@ -371,6 +378,7 @@ def serve(
             dense_decode_mb=dense_decode_mb,
             enable_prefix_caching=prefix_caching,
             pack_weights=pack_weights,
+            fused_kernels=fused_kernels,
         )
         llm = LLMEngine(ck.model, config, eos_ids=ck.eos_ids)
         for name, _, path in loras:
