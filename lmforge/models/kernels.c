@@ -47,6 +47,25 @@ void lmf_rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_
     }
 }
 
+// Rotary embedding in place, HF's half-split convention: for each of `rows` rows (`stride` floats apart) and
+// its `heads` heads of hd floats, (x1, x2) -> (x1 cos1 + x2 sin1, x2 cos2 + x1 sin2), with the row's cos and
+// sin (hd floats each; sin's first half negated, as layers.rope_cos_sin makes them). hd/2 a multiple of 8.
+void lmf_rope(float *x, int64_t stride, int64_t rows, int64_t heads, int64_t hd, const float *cos, const float *sin) {
+    const int64_t half = hd / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * hd, *s = sin + r * hd;
+        for (int64_t h = 0; h < heads; h++) {
+            float *x1 = x + r * stride + h * hd, *x2 = x1 + half;
+            for (int64_t i = 0; i < half; i += 8) {
+                __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+                _mm256_storeu_ps(x1 + i, _mm256_fmadd_ps(b, _mm256_loadu_ps(s + i), _mm256_mul_ps(a, _mm256_loadu_ps(c + i))));
+                _mm256_storeu_ps(x2 + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(s + half + i),
+                                                         _mm256_mul_ps(b, _mm256_loadu_ps(c + half + i))));
+            }
+        }
+    }
+}
+
 // out[r, i] = silu(gu[r, i]) * gu[r, n + i]: SwiGLU on the fused gate/up product's rows of 2n (n a multiple of 8).
 void lmf_silu_mul(const float *gu, float *out, int64_t rows, int64_t n) {
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();

@@ -2,9 +2,9 @@
 
 At 16 sequences a SmolLM2 decode step spends ~15 ms of its ~71 outside the matrix products, in chains of small
 PyTorch ops, each paying its dispatch and a pass over memory: an RMSNorm is six ops, SwiGLU's SiLU and product
-three, the decode attention on the dense KV copy eight a layer. Three kernels do each chain in one pass:
-`rms_norm`, `silu_mul` and `dense_decode_attention` (which also appends the step's keys and values to the copy,
-and reads each cached key once for all the query heads of its group). A 16-sequence step: 71.6 -> 63.6 ms
+three, RoPE five, the decode attention on the dense KV copy eight a layer. Four kernels do each chain in one
+pass: `rms_norm`, `silu_mul`, `rope_` (in place) and `dense_decode_attention` (which also appends the step's
+keys and values to the copy, and reads each cached key once for all the query heads of its group). A 16-sequence step: 71.6 -> 63.6 ms
 (bench/decode_step.py; docs/engine.md).
 
 The engine uses them inside `layers.packed_weights()` (its steps and `generate()`), on fp32 CPU tensors of the
@@ -41,6 +41,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "lmf_rms_norm": [_P, _P, _P, _I, _I, _F],
     "lmf_silu_mul": [_P, _P, _I, _I],
+    "lmf_rope": [_P, _I, _I, _I, _I, _P, _P],
     "lmf_dense_decode_attention": [_P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P]
     + [_I] * 5
     + [_F, _P, _I, ctypes.c_int],
@@ -164,6 +165,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(*gate_up.shape[:-1], n)
     _lib.lmf_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n)
     return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """layers.apply_rope in place on x (N, heads, hd), whose heads are contiguous (its rows may be apart), with
+    rope_cos_sin's cos and sin (N, 1, hd) contiguous; returns x."""
+    n, heads, hd = x.shape
+    _lib.lmf_rope(x.data_ptr(), x.stride(0), n, heads, hd, cos.data_ptr(), sin.data_ptr())
+    return x
 
 
 def dense_decode_attention(

@@ -273,7 +273,9 @@ class Attention(nn.Module):
         if self._qkv is not None and self._qkv.applies(x, (self.q_proj, self.k_proj, self.v_proj)):
             qkv = self._qkv(x).view(*lead, nh + 2 * nkv, hs)
             qk, v = qkv[..., : nh + nkv, :], qkv[..., nh + nkv :, :]
-            if rope is not None:  # q and k side by side: one rotation
+            if rope is not None and _runtime.kernels and x.dim() == 2 and hs % 16 == 0:
+                qk = kernels.rope_(qk, *rope)  # in place: qkv is this step's own product
+            elif rope is not None:  # q and k side by side: one rotation
                 qk = apply_rope(qk, *rope)
             q, k = qk[..., :nh, :], qk[..., nh:, :]
         else:

@@ -49,6 +49,23 @@ def test_silu_mul_matches_pytorch_including_the_tails(lib):
     torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("hd", [16, 64, 128])
+def test_rope_in_place_matches_apply_rope(lib, hd):
+    from lmforge.models.layers import apply_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(hd)
+    n, heads = 13, 12
+    qkv = torch.randn(n, heads + 3, hd, generator=g)  # rotate the first 12 heads of each row, leave the rest
+    positions = torch.randint(0, 30_000, (n,), generator=g)
+    inv_freq = 1.0 / (10_000 ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = rope_cos_sin(inv_freq, positions, torch.float32)
+    expected, untouched = apply_rope(qkv[:, :heads], cos, sin), qkv[:, heads:].clone()
+    out = kernels.rope_(qkv[:, :heads], cos, sin)
+    assert out.data_ptr() == qkv.data_ptr()
+    torch.testing.assert_close(qkv[:, :heads], expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(qkv[:, heads:], untouched)
+
+
 def reference_attention(q, k, v, k_dense, v_dense, order, last, first):
     """The same computation spelled out per row and kv head, on copies."""
     k_dense, v_dense = k_dense.clone(), v_dense.clone()
