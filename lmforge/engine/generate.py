@@ -67,13 +67,14 @@ def generate(
     counts = token_counts([[]], cfg.vocab_size, device) if st.any_penalties else None
     prompt_mask = token_mask([prompt_ids], cfg.vocab_size, device) if st.any_repetition_penalty else None
 
+    kernels_ok = device.type == "cpu" and dtype == torch.float32  # where the fused C kernels apply
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     done = 0
     while done < len(ids):  # prefill in chunks so a long prompt's attention scores stay bounded
         n = min(prefill_chunk, len(ids) - done)
         batch = CacheBatch.build([table], [done], [n], block_size, device, cfg.sliding_window)
         pos = torch.arange(done, done + n, device=device)
-        with packed_weights(fused_kernels=device.type == "cpu"):
+        with packed_weights(fused_kernels=kernels_ok):
             logits = model(
                 ids[done : done + n],
                 positions=pos,
@@ -100,9 +101,8 @@ def generate(
             update_counts(counts, res.token_ids)
         pos = len(prompt_ids) + step
         batch = CacheBatch.build([table], [pos], [1], block_size, device, cfg.sliding_window)
-        with packed_weights(
-            fused_kernels=device.type == "cpu"
-        ):  # not around the yield: the caller's code runs between tokens
+        # not around the yield: the caller's code runs between tokens
+        with packed_weights(fused_kernels=kernels_ok):
             logits = model(
                 res.token_ids, positions=torch.tensor([pos], device=device), cache=cache, batch=batch
             )

@@ -14,9 +14,11 @@ static inline float hsum(__m256 v) {
 }
 
 // exp of 8 lanes: Cephes' expf (range reduction by ln 2 split in two, degree-5 polynomial; ~1 ulp over the
-// normal range), the algorithm of avx_mathfun and of PyTorch's own vectorised exp. Below -88.4 it gives 0.
+// normal range), the algorithm of avx_mathfun and of PyTorch's own vectorised exp. Below ~-87.7 it gives 0
+// (no denormals), and NaN gives NaN.
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    // clamped with x as the second operand, which max/min return when it is NaN: a NaN stays NaN
+    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x));
     __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
@@ -91,7 +93,7 @@ void lmf_dense_decode_attention(const float *q, int64_t q_stride, const float *k
                                 const int64_t *last, const int64_t *first, int64_t bd, int64_t nkv, int64_t group,
                                 int64_t cap, int64_t hd, float scale, float *scratch, int64_t scratch_per,
                                 int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)  // tasks differ in context length
     for (int64_t task = 0; task < bd * nkv; task++) {
         const int64_t r = task / nkv, h = task % nkv, t = order[r], pos = last[r], lo = first[r];
         float *K = kd + (r * nkv + h) * cap * hd, *V = vd + (r * nkv + h) * cap * hd;

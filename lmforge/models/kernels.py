@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -50,6 +51,7 @@ _SIGNATURES = {
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_threads: int | None = None  # None: PyTorch's thread count; 1 where two OpenMP runtimes are loaded
 
 
 def _cpu_flags() -> set[str]:
@@ -62,44 +64,62 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "lmforge" / "kernels"
+def _cache_dirs() -> list[Path]:
+    """Where the library may be built and kept: the user's cache, else a private (0700, own) temporary folder."""
+    dirs = []
+    try:
+        root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        dirs.append(Path(root) / "lmforge" / "kernels")
+    except RuntimeError:  # no home directory
+        pass
+    return [*dirs, Path(tempfile.gettempdir()) / f"lmforge-kernels-{os.getuid()}"]
 
 
-def _build(compiler: str, cpu_flags: set[str]) -> Path:
+def _private(folder: Path) -> bool:
+    """A folder only this user can write to: nobody else can have planted a library in it."""
+    st = folder.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _build(compiler: list[str], cpu_flags: set[str]) -> Path:
     """The shared library for this source, compiler and CPU: from the cache, or compiled into it."""
     source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run(
+        [*compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
     key = hashlib.sha256(
         b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), " ".join(sorted(cpu_flags)).encode()])
     ).hexdigest()[:16]
-    for cache in (_cache_dir(), Path(tempfile.gettempdir()) / "lmforge-kernels"):
+    tried = []
+    for cache in _cache_dirs():
         path = cache / f"kernels-{key}.so"
-        if path.exists():
-            return path
         try:
-            cache.mkdir(parents=True, exist_ok=True)
-        except OSError:
+            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _private(cache):
+                raise PermissionError(f"{cache} is writable by others")
+            if path.exists():
+                return path
+            fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=cache)
+            os.close(fd)
+            try:
+                started = time.monotonic()
+                subprocess.run(
+                    [*compiler, *FLAGS, "-o", tmp, str(SOURCE)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=120,
+                )
+                os.replace(tmp, path)  # atomic: a concurrent build's reader sees a whole library or none
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as e:  # not writable, full, ...: the next folder
+            tried.append(f"{cache}: {e}")
             continue
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=cache)
-        os.close(fd)
-        try:
-            started = time.monotonic()
-            subprocess.run(
-                [compiler, *FLAGS, "-o", tmp, str(SOURCE)],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=120,
-            )
-            os.replace(tmp, path)  # atomic: a concurrent build's reader sees a whole library or none
-            log.info("built the fused decode kernels in %.1f s: %s", time.monotonic() - started, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        log.info("built the fused decode kernels in %.1f s: %s", time.monotonic() - started, path)
         return path
-    raise OSError(f"no writable cache directory for the kernels (tried {_cache_dir()})")
+    raise OSError(f"no usable cache folder for the kernels ({'; '.join(tried)})")
 
 
 def lib() -> ctypes.CDLL | None:
@@ -120,27 +140,46 @@ def lib() -> ctypes.CDLL | None:
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("LMFORGE_KERNELS", "1") == "0":
+    if os.environ.get("LMFORGE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise OSError(f"they are written for x86-64 (AVX2, FMA), not {platform.machine()}")
     cpu_flags = _cpu_flags()
     if not {"avx2", "fma"} <= cpu_flags:
         raise OSError("this CPU lacks AVX2 or FMA")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC") or "") or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not compiler[0]:
         raise OSError("no C compiler (cc) on PATH")
     try:
         path = _build(compiler, cpu_flags)
     except subprocess.CalledProcessError as e:
-        raise OSError(f"{compiler} failed: {e.stderr.strip()[-500:]}") from None
+        raise OSError(f"{compiler[0]} failed: {e.stderr.strip()[-500:]}") from None
     # after torch: the library's libgomp.so.1 is then torch's own, so its parallel loop uses the same OpenMP
     # runtime as torch's ops (two runtimes' thread teams would fight over the cores)
     library = ctypes.CDLL(str(path))
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(library, name)
         fn.argtypes, fn.restype = argtypes, None
+    global _threads
+    runtimes = _openmp_runtimes()
+    if len(runtimes) > 1:  # e.g. a PyTorch built with another runtime: the attention runs on one thread
+        log.warning(
+            "two OpenMP runtimes loaded (%s): the fused attention kernel runs single-threaded", runtimes
+        )
+        _threads = 1
     return library
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime libraries mapped into this process."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    names = ("libgomp", "libomp", "libiomp")
+    return {
+        line.split()[-1] for line in maps.splitlines() if any(n in line.rsplit("/", 1)[-1] for n in names)
+    }
 
 
 def fits(*tensors: torch.Tensor) -> bool:
@@ -149,6 +188,11 @@ def fits(*tensors: torch.Tensor) -> bool:
         t.dtype == torch.float32 and t.device.type == "cpu" and t.shape[-1] % 8 == 0 and t.stride(-1) == 1
         for t in tensors
     )
+
+
+def fits_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """rms_norm's operands: x wholly contiguous, a weight as long as its rows (fits() for both)."""
+    return x.is_contiguous() and weight.shape == x.shape[-1:] and fits(x, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -199,6 +243,6 @@ def dense_decode_attention(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         k_dense.data_ptr(), v_dense.data_ptr(), y.data_ptr(), order.data_ptr(), last.data_ptr(),
         first.data_ptr(), bd, nkv, group, cap, hd, hd**-0.5, scratch.data_ptr(), group * longest,
-        torch.get_num_threads(),
+        _threads or torch.get_num_threads(),
     )  # fmt: skip
     return y

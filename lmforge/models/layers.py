@@ -165,7 +165,7 @@ _runtime = _Runtime()
 
 
 @contextmanager
-def packed_weights(fused_kernels: bool = True) -> Iterator[None]:
+def packed_weights(fused_kernels: bool = False) -> Iterator[None]:
     """Use the packed copies (on this thread, inside the block), and with `fused_kernels` the C kernels where
     they load (fp32 CPU models only: the caller says so): the engine's steps and generate() run in one.
     Everywhere else a packed model computes exactly as an unpacked one (the same weights, the same logits)."""
@@ -185,12 +185,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused op; same values as the spelled-out form below
-            if (
-                _runtime.kernels
-                and x.shape[-1] % 8 == 0
-                and x.is_contiguous()
-                and not torch.is_grad_enabled()
-            ):
+            if _runtime.kernels and not torch.is_grad_enabled() and kernels.fits_rows(x, self.weight):
                 return kernels.rms_norm(x, self.weight, self.eps)  # one pass instead of six ops
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 whatever the model dtype, as Llama does.
@@ -360,7 +355,8 @@ class Attention(nn.Module):
         self._check_window(batch)
         if (
             _runtime.kernels
-            and kernels.fits(q, k, v)
+            and not torch.is_grad_enabled()
+            and kernels.fits(q, k, v, k_dense, v_dense)
             and q.stride(1) == k.stride(1) == v.stride(1) == hs
             and (y is None or y.is_contiguous())
         ):

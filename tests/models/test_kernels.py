@@ -41,7 +41,7 @@ def test_rms_norm_matches_pytorch(lib, rows, dim):
     )
 
 
-def test_silu_mul_matches_pytorch_including_the_tails(lib):
+def test_silu_mul_matches_pytorch_including_extreme_values(lib):
     g = torch.Generator().manual_seed(0)
     gate_up = torch.randn(16, 2 * 1536, generator=g) * 6
     gate_up[0, :8] = torch.tensor([-200.0, -88.0, -30.0, -1e-6, 0.0, 1e-6, 30.0, 200.0])
@@ -85,17 +85,23 @@ def reference_attention(q, k, v, k_dense, v_dense, order, last, first):
 
 
 @pytest.mark.parametrize(
-    "nkv,group,hd,window",
-    [(3, 3, 64, None), (1, 4, 128, None), (2, 1, 32, None), (3, 3, 64, 9), (2, 2, 72, None)],
-    ids=["smollm2", "mqa-128", "mha-32", "window", "hd-72"],
+    "nkv,group,hd,window,q_scale",
+    [
+        (3, 3, 64, None, 1.0),
+        (1, 4, 128, None, 1.0),
+        (2, 1, 32, None, 1.0),
+        (3, 3, 64, 9, 1.0),
+        (2, 2, 72, None, 1.0),
+        (3, 3, 64, None, 30.0),  # peaked scores: most softmax weights underflow to 0 (exp's clamp)
+    ],
+    ids=["smollm2", "mqa-128", "mha-32", "window", "hd-72", "peaked"],
 )
-def test_dense_decode_attention_matches_a_spelled_out_reference(lib, nkv, group, hd, window):
+def test_dense_decode_attention_matches_a_spelled_out_reference(lib, nkv, group, hd, window, q_scale):
     g = torch.Generator().manual_seed(hd + group)
     rows, cap, n_tokens = 7, 160, 11  # 7 decode rows among 11 flat-batch tokens (the others: prefill rows)
     nh = nkv * group
-    qkv = torch.randn(
-        n_tokens, nh + 2 * nkv, hd, generator=g
-    )  # the fused product's layout: q, k, v side by side
+    qkv = torch.randn(n_tokens, nh + 2 * nkv, hd, generator=g)  # the fused product: q, k, v side by side
+    qkv[:, :nh] *= q_scale
     q, k, v = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
     k_dense = torch.randn(rows, nkv, cap, hd, generator=g)
     v_dense = torch.randn(rows, nkv, cap, hd, generator=g)
@@ -114,25 +120,82 @@ def test_dense_decode_attention_matches_a_spelled_out_reference(lib, nkv, group,
     assert torch.equal(k_dense, k_ref) and torch.equal(v_dense, v_ref)  # the new keys/values appended exactly
 
 
-def test_engine_with_and_without_the_kernels(lib, smollm2):
-    """The default model's 12 sequences decoded together: the same greedy tokens, and log-probabilities within
-    fp32 rounding of each other."""
+def test_dense_decode_attention_lets_a_nan_through(lib):
+    """A NaN in a row's cached keys makes that row's output NaN, as in PyTorch: corruption is not hidden."""
+    nkv, group, hd, cap = 1, 2, 16, 32
+    q, k, v = (torch.randn(2, n, hd) for n in (group, nkv, nkv))
+    k_dense, v_dense = torch.randn(2, nkv, cap, hd), torch.randn(2, nkv, cap, hd)
+    k_dense[0, 0, 3, 5] = float("nan")
+    order, last, first = torch.tensor([0, 1]), torch.tensor([9, 9]), torch.tensor([0, 0])
+    y = torch.empty(2, group, hd)
+    kernels.dense_decode_attention(q, k, v, k_dense, v_dense, order, last, first, 10, y)
+    assert y[0].isnan().all() and y[1].isfinite().all()
+
+
+def test_the_layers_use_the_kernels_only_where_they_apply(lib, monkeypatch):
+    """Inside packed_weights(fused_kernels=True), with autograd off, on conforming tensors; else PyTorch's ops
+    (the same values)."""
+    from lmforge.models import layers
+
+    calls = []
+    real = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: (calls.append(1), real(*a))[1])
+
+    def uses_kernel(dim, x, fused=True, grad=False, packed=True):
+        norm = layers.RMSNorm(dim, 1e-5)
+        with torch.no_grad():
+            norm.weight.normal_()
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            if packed:
+                with layers.packed_weights(fused_kernels=fused):
+                    out = norm(x)
+            else:
+                out = norm(x)
+        torch.testing.assert_close(out, F.rms_norm(x, (dim,), norm.weight, 1e-5), rtol=1e-5, atol=1e-5)
+        return len(calls) == 1
+
+    assert uses_kernel(64, torch.randn(5, 64))
+    assert uses_kernel(64, torch.randn(64, 5).t().contiguous())
+    assert not uses_kernel(64, torch.randn(64, 5).t())  # not contiguous
+    assert not uses_kernel(60, torch.randn(5, 60))  # rows of 60 floats: not a multiple of 8
+    assert not uses_kernel(64, torch.randn(5, 64), fused=False)  # packed_weights()'s default
+    assert not uses_kernel(64, torch.randn(5, 64), packed=False)  # outside packed_weights()
+    assert not uses_kernel(64, torch.randn(5, 64), grad=True)  # training: autograd needs the ops
+
+
+def test_engine_with_and_without_the_kernels(lib, smollm2, monkeypatch):
+    """The default model's 12 sequences, arriving a few steps apart and decoded together: the same greedy tokens,
+    and log-probabilities within fp32 rounding of each other."""
     prompts = [
         smollm2.tokenizer.encode(f"Question {i}: what is {i} + {2 * i}? Answer briefly.") for i in range(12)
     ]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    assert lib is not None
+    calls = []
+    real = kernels.dense_decode_attention
+    monkeypatch.setattr(
+        kernels, "dense_decode_attention", lambda *a: (calls.append(a[-1].shape[0]), real(*a))[1]
+    )
     runs = []
     for fused in (True, False):
         model = build_model(smollm2.model.config, smollm2.model.state_dict())
-        engine = LLMEngine(model, EngineConfig(kv_cache_mb=64, fused_kernels=fused))
+        engine = LLMEngine(model, EngineConfig(kv_cache_mb=64, dense_decode_mb=64, fused_kernels=fused))
         assert engine.fused_kernels is fused
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{i}", p, params)
         got = {f"r{i}": [] for i in range(len(prompts))}
-        while engine.has_unfinished:
+        step = 0
+        while step < 3 * len(prompts) or engine.has_unfinished:
+            if step % 3 == 0 and step // 3 < len(prompts):  # one arrives every third step: mixed steps
+                engine.add_request(f"r{step // 3}", prompts[step // 3], params)
             for out in engine.step():
                 got[out.request_id] += [(lp.token_id, lp.logprob) for lp in out.new_logprobs]
+            step += 1
         runs.append(got)
+        if fused:  # the dense kernel ran, in all-decode steps and beside prefills (y made by the caller)
+            assert len(calls) > 24 * 30 and len(set(calls)) > 1
+        else:
+            assert not calls
+        calls.clear()
     with_kernels, without = runs
     for rid in with_kernels:
         assert [t for t, _ in with_kernels[rid]] == [t for t, _ in without[rid]], rid
@@ -158,11 +221,13 @@ def test_unavailable_kernels_mean_the_pytorch_ops(monkeypatch, tmp_path, caplog)
     if BUILDABLE:
         with caplog.at_level(logging.WARNING, logger="lmforge.models.kernels"):
             assert kernels.lib() is None
+            assert kernels.lib() is None
         assert "failed: no such luck" in caplog.text
+        assert len(caplog.records) == 1  # said once, not on every step
         assert not list(Path(tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
         assert not list(Path(tmp_path / "cache").rglob("*.tmp"))
     assert kernels.lib() is None
-    with layers.packed_weights():
+    with layers.packed_weights(fused_kernels=True):
         assert layers._runtime.kernels is False
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setenv("LMFORGE_KERNELS", "0")
