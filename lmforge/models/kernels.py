@@ -1,20 +1,21 @@
 """Fused fp32 CPU kernels for the engine's decode step: `kernels.c`, built with the system's C compiler on first use.
 
-At 16 sequences a SmolLM2 decode step spends ~15 ms of its ~71 outside the matrix products, in chains of small
+At 16 sequences a SmolLM2 decode step spent ~15 ms of its ~71 outside the matrix products, in chains of small
 PyTorch ops, each paying its dispatch and a pass over memory: an RMSNorm is six ops, SwiGLU's SiLU and product
 three, RoPE five, the decode attention on the dense KV copy eight a layer. Four kernels do each chain in one
 pass: `rms_norm`, `silu_mul`, `rope_` (in place) and `dense_decode_attention` (which also appends the step's
-keys and values to the copy, and reads each cached key once for all the query heads of its group). A 16-sequence step: 71.6 -> 63.6 ms
-(bench/decode_step.py; docs/engine.md).
+keys and values to the copy, and reads each cached key once for all the query heads of its group). A
+16-sequence step: 77.5 -> 69.3 ms (bench/decode_step.py; docs/engine.md).
 
-The engine uses them inside `layers.packed_weights()` (its steps and `generate()`), on fp32 CPU tensors of the
-shapes they take; everywhere else, and when they are off, the PyTorch ops run. The two compute the same values
-up to fp32 rounding (the sums run in another order; exp is Cephes' polynomial, as in PyTorch's vectorised exp).
+The engine turns them on with `layers.packed_weights(fused_kernels=True)` (its steps and `generate()`, for fp32
+CPU models), and each layer passes them only tensors they take; everywhere else the PyTorch ops run. The two
+compute the same values up to fp32 rounding (the sums run in another order; exp is Cephes' polynomial, as in
+PyTorch's vectorised exp).
 
-Built with `cc -O3 -march=native -fopenmp` (~1 s, once per machine) into a cache keyed by the source, the
-compiler command and the CPU's flags, written atomically, and loaded with ctypes, whose calls release the GIL.
-No compiler, a CPU without AVX2 and FMA, or a failed build: `lib()` is None (logged once) and the PyTorch ops
-run. `LMFORGE_KERNELS=0` turns them off.
+Built with `cc -O3 -march=native -fopenmp` (~2 s, once per machine) into a private cache keyed by the source,
+the compiler and the CPU's flags, written atomically, and loaded with ctypes, whose calls release the GIL. No
+compiler, a CPU without AVX2 and FMA, or a failed build: `lib()` is None (logged once) and the PyTorch ops run.
+`LMFORGE_KERNELS=0` turns them off.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def lib() -> ctypes.CDLL | None:
 
 
 def _load() -> ctypes.CDLL | None:
+    global _threads
     if os.environ.get("LMFORGE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -160,7 +162,6 @@ def _load() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(library, name)
         fn.argtypes, fn.restype = argtypes, None
-    global _threads
     runtimes = _openmp_runtimes()
     if len(runtimes) > 1:  # e.g. a PyTorch built with another runtime: the attention runs on one thread
         log.warning(
