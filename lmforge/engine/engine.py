@@ -109,9 +109,7 @@ class LLMEngine:
         )
         self.requests: dict[str, _Request] = {}
         self.loras: MultiLoRA | None = None  # created by the first add_lora: no adapters, no swapped layers
-        self.fused_kernels = (
-            config.fused_kernels and self.device.type == "cpu" and self.dtype == torch.float32
-        )
+        self.fused_kernels = config.fused_kernels and kernels.suited(param)
         if self.fused_kernels:
             kernels.lib()  # built (once per machine) or loaded now, not in the first request's step
 

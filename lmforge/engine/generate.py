@@ -14,6 +14,7 @@ import torch
 from lmforge.engine.sampling import SamplingTensors, sample, token_counts, token_mask, update_counts
 from lmforge.engine.types import SamplingParams
 from lmforge.errors import UserError
+from lmforge.models import kernels
 from lmforge.models.gpt import GPT
 from lmforge.models.kv_cache import CacheBatch, KVCache
 from lmforge.models.layers import pack_linears, packed_weights
@@ -67,7 +68,7 @@ def generate(
     counts = token_counts([[]], cfg.vocab_size, device) if st.any_penalties else None
     prompt_mask = token_mask([prompt_ids], cfg.vocab_size, device) if st.any_repetition_penalty else None
 
-    kernels_ok = device.type == "cpu" and dtype == torch.float32  # where the fused C kernels apply
+    kernels_ok = kernels.suited(model.lm_head.weight)
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     done = 0
     while done < len(ids):  # prefill in chunks so a long prompt's attention scores stay bounded

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge import atomic
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -100,21 +102,15 @@ def _build(compiler: list[str], cpu_flags: set[str]) -> Path:
                 raise PermissionError(f"{cache} is writable by others")
             if path.exists():
                 return path
-            fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=cache)
-            os.close(fd)
-            try:
-                started = time.monotonic()
+            started = time.monotonic()
+            with atomic.file(path) as tmp:  # a concurrent build's reader sees a whole library or none
                 subprocess.run(
-                    [*compiler, *FLAGS, "-o", tmp, str(SOURCE)],
+                    [*compiler, *FLAGS, "-o", str(tmp), str(SOURCE)],
                     capture_output=True,
                     text=True,
                     check=True,
                     timeout=120,
                 )
-                os.replace(tmp, path)  # atomic: a concurrent build's reader sees a whole library or none
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         except OSError as e:  # not writable, full, ...: the next folder
             tried.append(f"{cache}: {e}")
             continue
@@ -181,6 +177,12 @@ def _openmp_runtimes() -> set[str]:
     return {
         line.split()[-1] for line in maps.splitlines() if any(n in line.rsplit("/", 1)[-1] for n in names)
     }
+
+
+def suited(weight: torch.Tensor) -> bool:
+    """Whether a model with this weight could use the kernels at all (fp32 on the CPU): callers ask before
+    `lib()` builds them."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def fits(*tensors: torch.Tensor) -> bool:

@@ -360,9 +360,8 @@ class Attention(nn.Module):
             and q.stride(1) == k.stride(1) == v.stride(1) == hs
             and (y is None or y.is_contiguous())
         ):
-            y = (
-                q.new_empty(q.shape) if y is None else y
-            )  # (N, nh, hs) contiguous, from here or _attend_cached
+            if y is None:  # every row a decode; else _attend_cached's y (N, nh, hs), contiguous
+                y = q.new_empty(q.shape)
             return kernels.dense_decode_attention(
                 q, k, v, k_dense, v_dense, plan.order, plan.last, plan.first, plan.length, y
             )
