@@ -4,12 +4,13 @@ only enqueues commands and drains per-request queues, so a slow client never sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -67,6 +68,7 @@ class AsyncEngine:
         self._stats = engine.stats(ready=False)
         self._step_started: float | None = None  # see EngineStats.step_started
         self._step_s = (0.0, 0.0)  # the last two steps' lengths
+        self._arriving = 0  # requests on their way to generate() (see arriving())
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -149,6 +151,16 @@ class AsyncEngine:
         self._send(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
+
     def health(self) -> EngineStats:
         return dataclasses.replace(
             self._stats,
@@ -199,12 +211,16 @@ class AsyncEngine:
         """Coming out of idle, let the rest of a burst arrive before the first step: requests that arrive
         together (clients answered by the same step) reach the engine spread over a few ms of HTTP parsing,
         tokenising and metering, and an engine that steps on the first would run it nearly alone and make the
-        rest wait a whole step. Waits while commands keep coming `batch_wait_s` apart, at most 10x that."""
+        rest wait a whole step. Waits while commands keep coming `batch_wait_s` apart, or while requests are on
+        their way (`arriving`: a prompt being rendered, an admit in the ledger's queue), at most 10x that."""
         if self.batch_wait_s <= 0:
             return
         deadline = time.monotonic() + 10 * self.batch_wait_s
-        while time.monotonic() < deadline and self._wake.wait(timeout=self.batch_wait_s):
-            self._wake.clear()
+        while (left := deadline - time.monotonic()) > 0:
+            if self._wake.wait(timeout=min(self.batch_wait_s, left)):
+                self._wake.clear()
+            elif not self._arriving:  # quiet for batch_wait_s, and nothing on its way
+                return
 
     def _apply_commands(self) -> None:
         while True:

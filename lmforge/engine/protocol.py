@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar, runtime_checkable
 
 from lmforge.engine.types import EngineStats, ModelInfo, RequestOutput, SamplingParams
@@ -26,6 +27,11 @@ class EngineClient(Protocol):
         EngineOverloaded when the queue is full, EngineDraining while shutting down. `salt` keeps prefix-cache
         sharing within one tenant; `lora` names the LoRA adapter to apply (None = the base model). Closing the
         iterator early (client gone) aborts the request."""
+        ...
+
+    def arriving(self) -> AbstractContextManager[None]:
+        """Held by the server while a request is on its way to `generate` (its prompt being rendered, its admit
+        waiting for the ledger): an idle engine gathering a burst of requests waits for it, briefly."""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from typing import Any, TypeVar
 
 import anyio
@@ -544,6 +544,9 @@ class NoEngine:
         lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         raise EngineDraining("this server has no local model")
+
+    def arriving(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     async def abort(self, request_id: str) -> None:
         return None

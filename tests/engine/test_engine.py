@@ -2,6 +2,7 @@
 chunking, preemption or prefix caching."""
 
 import asyncio
+import contextlib
 import random
 import sys
 import threading
@@ -252,6 +253,49 @@ def test_async_engine_gathers_a_burst_into_one_first_step(tiny):
 
     # gathered: gaps of 5 ms, well under the 0.25 s quiet gap (so a stalled test machine does not split the burst)
     assert asyncio.run(main(0.25))[0] == 4
+
+
+def test_async_engine_gather_waits_for_requests_on_their_way(tiny):
+    """Coming out of idle, the gather also waits for a request the server is still preparing (`arriving()`: its
+    prompt rendered, its admit in the ledger's queue) though it comes later than the quiet gap; at most 10x the
+    gap, so a slow admit never holds the others for long."""
+
+    async def main(hold_s, announced):
+        llm = LLMEngine(tiny, EngineConfig(kv_cache_mb=4))
+        seen = []  # requests in the engine at each step
+        step = llm.step
+        llm.step = lambda: (seen.append(len(llm.requests)), step())[1]
+        engine = AsyncEngine(llm, "tiny", batch_wait_s=0.1)  # quiet gap 0.1 s, gathering 1 s at most
+        engine.start()
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        done = {}
+
+        async def one(i):
+            outs = [o async for o in engine.generate(random_prompts(1, seed=i)[0], params, f"r{i}")]
+            done[i] = time.monotonic()
+            return outs
+
+        async def first():
+            await asyncio.sleep(0.05)  # the second is on its way by then
+            return await one(0)
+
+        async def second():
+            with engine.arriving() if announced else contextlib.nullcontext():
+                await asyncio.sleep(hold_s)  # a slow admit
+            sent = time.monotonic()
+            return sent, await one(1)
+
+        outs, (sent, _) = await asyncio.gather(first(), second())
+        await engine.shutdown(drain_timeout=1)
+        assert outs[-1].finished
+        return seen, done[0] < sent
+
+    assert asyncio.run(main(0.4, announced=True)) == ([2], False)  # waited for it: one step for both
+    assert asyncio.run(main(0.4, announced=False)) == (
+        [1, 1],
+        True,
+    )  # unannounced, it came after the quiet gap
+    assert asyncio.run(main(2.0, announced=True)) == ([1, 1], True)  # the 1 s bound: the first did not wait
 
 
 def test_async_engine_reports_when_its_running_step_should_end(tiny):

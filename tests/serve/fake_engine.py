@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ class FakeEngine:
 
     async def run(self, fn: Callable[[], T]) -> T:
         return await asyncio.to_thread(fn)
+
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def health(self) -> EngineStats:
         return EngineStats(

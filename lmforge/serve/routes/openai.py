@@ -256,17 +256,19 @@ async def _off_loop(inline: bool, fn: Callable[..., T], *args: Any, **kwargs: An
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-async def _start(
-    state: ServerState, choices: list[Choice], meter: Meter | None = None
-) -> tuple[ChoiceDelta | None, AsyncIterator[ChoiceDelta]]:
-    """Admit the engine requests and wait for the first delta, so early engine errors get their HTTP status.
-
-    A metered request is admitted by the ledger after the engine's own capacity check (a full queue refuses it
-    without spending the key's rate limit) and before the engine sees it; if the engine then refuses it, the
-    ledger row is settled as failed."""
+async def _admit(state: ServerState, choices: list[Choice], meter: Meter | None) -> None:
+    """The engine's own capacity check (a full queue refuses the request without spending the key's rate limit),
+    then the ledger's admit for a metered request."""
     state.admit(len(choices))
     if meter is not None:
         await meter.admit()
+
+
+async def _start(
+    state: ServerState, choices: list[Choice], meter: Meter | None = None
+) -> tuple[ChoiceDelta | None, AsyncIterator[ChoiceDelta]]:
+    """Send the admitted (`_admit`) engine requests and wait for the first delta, so early engine errors get their
+    HTTP status; if the engine refuses a metered request, its ledger row is settled as failed."""
     arrival = time.perf_counter()
     deltas = merge([stream_choice(state.engine, state.tokenizer, c, state.metrics, arrival) for c in choices])
     try:
@@ -599,10 +601,12 @@ async def create_completion(
     lora = _check_model(state, body.model)
     if key is not None:
         check_model(key, body.model)
-    prompts = await _completion_prompts(body.prompt, state)
-    choices = _plan(state, body, prompts, "prompt", salt=_salt(key), lora=lora)
-    tally = _Tally(body.num_choices, len(choices))
-    meter = _meter(request, state, key, body.model, choices, tally)
+    with state.engine.arriving():  # until it is admitted: an idle engine waits for it (see docs/engine.md)
+        prompts = await _completion_prompts(body.prompt, state)
+        choices = _plan(state, body, prompts, "prompt", salt=_salt(key), lora=lora)
+        tally = _Tally(body.num_choices, len(choices))
+        meter = _meter(request, state, key, body.model, choices, tally)
+        await _admit(state, choices, meter)
     first, deltas = await _start(state, choices, meter)
     response_id, created = choices[0].request_id.rsplit("-", 1)[0], int(time.time())
     want_logprobs = choices[0].params.logprobs is not None
@@ -676,10 +680,12 @@ async def create_chat_completion(
     lora = _check_model(state, body.model)
     if key is not None:
         check_model(key, body.model)
-    prompt = await _chat_prompt(body, state.tokenizer)
-    choices = _plan(state, body, [prompt], "messages", salt=_salt(key), lora=lora)
-    tally = _Tally(body.num_choices, len(choices))
-    meter = _meter(request, state, key, body.model, choices, tally)
+    with state.engine.arriving():  # until it is admitted: an idle engine waits for it (see docs/engine.md)
+        prompt = await _chat_prompt(body, state.tokenizer)
+        choices = _plan(state, body, [prompt], "messages", salt=_salt(key), lora=lora)
+        tally = _Tally(body.num_choices, len(choices))
+        meter = _meter(request, state, key, body.model, choices, tally)
+        await _admit(state, choices, meter)
     first, deltas = await _start(state, choices, meter)
     response_id, created = choices[0].request_id.rsplit("-", 1)[0], int(time.time())
     want_logprobs = choices[0].params.logprobs is not None
