@@ -84,6 +84,25 @@ class SeqSlice:
     ctx_len: int  # cached tokens before this step + new tokens
     slots: torch.Tensor  # (ctx_len,) long: cache slot of every context token, in order
     contiguous: bool  # slots are a consecutive range: attend through a view, no gather
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The new tokens' additive attention mask (t, ctx_len), 0 or -inf: causal, and within `window` of each
+        query; None where plain causal attention is the same (no cached prefix, no window). Made once a step and
+        shared by every layer with that window."""
+        t, ctx = self.end - self.start, self.ctx_len
+        if t == ctx and window is None:
+            return None
+        key = (window, dtype)
+        if key not in self._masks:
+            qpos = torch.arange(ctx - t, ctx, device=self.slots.device)[:, None]
+            kpos = torch.arange(ctx, device=self.slots.device)[None, :]
+            hidden = kpos > qpos
+            if window is not None:
+                hidden |= qpos - kpos >= window
+            mask = torch.zeros(t, ctx, dtype=dtype, device=self.slots.device)
+            self._masks[key] = mask.masked_fill_(hidden, float("-inf"))
+        return self._masks[key]
 
 
 @dataclass
