@@ -61,7 +61,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()  # guards _streams between the loop thread and the event loop
+        self._lock = threading.Lock()  # guards _streams (loop thread and event loop) and _arriving
         self._thread: threading.Thread | None = None
         self._running = False
         self._draining = False
@@ -160,6 +160,9 @@ class AsyncEngine:
         finally:
             with self._lock:
                 self._arriving -= 1
+                last = not self._arriving
+            if last:  # a gather waiting on it starts its quiet gap again: the request's send may be a loop turn away
+                self._wake.set()
 
     def health(self) -> EngineStats:
         return dataclasses.replace(

@@ -84,14 +84,14 @@ class SeqSlice:
     ctx_len: int  # cached tokens before this step + new tokens
     slots: torch.Tensor  # (ctx_len,) long: cache slot of every context token, in order
     contiguous: bool  # slots are a consecutive range: attend through a view, no gather
-    _masks: dict = field(default_factory=dict, repr=False)
+    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
         """The new tokens' additive attention mask (t, ctx_len), 0 or -inf: causal, and within `window` of each
-        query; None where plain causal attention is the same (no cached prefix, no window). Made once a step and
-        shared by every layer with that window."""
+        query; None where plain causal attention is the same (no cached prefix, and no window narrower than the
+        context). Made once a step and shared by every layer with that window."""
         t, ctx = self.end - self.start, self.ctx_len
-        if t == ctx and window is None:
+        if t == ctx and (window is None or ctx <= window):
             return None
         key = (window, dtype)
         if key not in self._masks:
@@ -119,7 +119,7 @@ class CacheBatch:
     decode_ctx: list[int] = field(default_factory=list)  # context length of each decode sequence
     dense: DensePlan | None = None  # set by DenseDecode.plan: the decodes attend the dense copy
     sliding_window: int | None = None
-    _bias_cache: dict = field(default_factory=dict, repr=False)
+    _bias_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -230,7 +230,7 @@ class DensePlan:
     bias: torch.Tensor  # (Bd, 1, length): the batch's decode_bias in row order
     last: torch.Tensor  # (Bd,) long: each row's new position (its context length - 1)
     first: torch.Tensor  # (Bd,) long: each row's first attended position (0, or the sliding window's start)
-    _bias_cache: dict = field(default_factory=dict, repr=False)
+    _bias_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def bias_for(self, n_kv_head: int, group: int, dtype: torch.dtype) -> torch.Tensor:
         """The bias laid out as the dense decode attention's scores, (Bd * n_kv_head, group, length): made on

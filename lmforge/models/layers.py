@@ -396,18 +396,24 @@ class Attention(nn.Module):
             qg = q.view(self.n_kv_head, g, self.head_dim)
             att = torch.softmax((qg @ k.transpose(1, 2)) * self.head_dim**-0.5, dim=-1)  # (nkv, g, L)
             return (att @ v).reshape(1, self.n_head, self.head_dim)
+        mask = seq.mask(self.sliding_window, q.dtype)  # None: no cached prefix, the plain causal kernel
+        if (
+            q.device.type != "cpu"
+        ):  # the k/v heads expanded, as before: the layout below was measured on the CPU,
+            # and CUDA's memory-efficient kernel has mishandled masked bf16 attention on stride-0 k/v (pytorch#191937)
+            if g > 1:
+                k, v = k.repeat_interleave(g, dim=0), v.repeat_interleave(g, dim=0)
+            y = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=mask is None
+            )[0]  # (nh, t, hs)
+            return y.transpose(0, 1)
         # The g query heads of each kv head in SDPA's batch axis, (g, nkv, t, hs), against the kv heads broadcast
         # over it (a stride-0 expand): SDPA's CPU flash kernel does not take enable_gqa (its math path is 2x
-        # slower), and this spares the repeat_interleave copies of the keys and values that it would need
-        # (a 16-prompt prefill step with a cached prefix: the attention 1.3-2x faster, bench/RESULTS.md).
+        # slower), and this spares the repeat_interleave copies of the keys and values that it would need (the
+        # attention 1.05-2.1x faster with a cached prefix, bench/RESULTS.md).
         qg = q.view(t, self.n_kv_head, g, self.head_dim).permute(2, 1, 0, 3)
-        mask = seq.mask(self.sliding_window, q.dtype)
         y = F.scaled_dot_product_attention(
-            qg,
-            k.expand(g, -1, -1, -1),
-            v.expand(g, -1, -1, -1),
-            attn_mask=mask,
-            is_causal=mask is None,  # no cached prefix and no window: the plain causal kernel
+            qg, k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1), attn_mask=mask, is_causal=mask is None
         )  # (g, nkv, t, hs)
         return y.permute(2, 1, 0, 3).reshape(t, self.n_head, self.head_dim)
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lmforge.models.config import config_from_hf
 from lmforge.models.convert import hf_to_lmforge
 from lmforge.models.gpt import build_model
-from lmforge.models.kv_cache import CacheBatch, DenseDecode, KVCache
+from lmforge.models.kv_cache import CacheBatch, DenseDecode, KVCache, SeqSlice
 
 transformers = pytest.importorskip("transformers")
 
@@ -314,3 +314,26 @@ def test_dense_decode_lays_out_rows_and_positions_within_its_limit_and_keeps_its
     assert not step({**{s: 61 for s in sixteen}, "q": 61})  # 17 x 61 is over: gather, the memory kept
     assert step({"a": 100, "b": 100}) and dense.shape == (8, 128)  # fewer, longer rows fit again
     assert [t.data_ptr() for t in dense.k + dense.v] == memory and dense.nbytes == 1024 * per_position
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_mask_spelled_out(dtype):
+    """SeqSlice.mask: query i of t new tokens (position ctx - t + i) sees key j iff j <= its position and, with a
+    window w, its position - j < w; 0 where it sees, -inf elsewhere. None where plain causal attention is the
+    same (no cached prefix, no window), and made once per window and dtype (every layer shares it)."""
+    for t, ctx, window in [(5, 5, None), (5, 5, 3), (4, 11, None), (4, 11, 3), (1, 9, 4), (7, 20, 8)]:
+        seq = SeqSlice(0, t, ctx, torch.arange(ctx), contiguous=True)
+        mask = seq.mask(window, dtype)
+        if t == ctx and window is None:
+            assert mask is None
+            continue
+        ref = torch.tensor(
+            [
+                [0.0 if j <= ctx - t + i and (window is None or ctx - t + i - j < window) else float("-inf")
+                 for j in range(ctx)]
+                for i in range(t)
+            ],
+            dtype=dtype,
+        )  # fmt: skip
+        assert mask.dtype == dtype and torch.equal(mask, ref)
+        assert seq.mask(window, dtype) is mask

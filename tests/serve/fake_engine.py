@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -35,6 +35,8 @@ class FakeEngine:
     aborted: dict[str, float] = field(default_factory=dict)  # request id -> when abort() was called
     closed: list[str] = field(default_factory=list)  # generators closed before finishing
     running: set[str] = field(default_factory=set)
+    arrivals: int = 0  # arriving() entered
+    arriving_now: int = 0  # ... and not left yet
 
     def reset(self) -> None:
         self.script, self.delay, self.num_cached_tokens, self.fail = (), 0.0, 0, None
@@ -42,6 +44,7 @@ class FakeEngine:
         self.requests.clear()
         self.aborted.clear()
         self.closed.clear()
+        self.arrivals = self.arriving_now = 0
 
     async def generate(
         self,
@@ -98,8 +101,14 @@ class FakeEngine:
     async def run(self, fn: Callable[[], T]) -> T:
         return await asyncio.to_thread(fn)
 
-    def arriving(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        self.arrivals += 1
+        self.arriving_now += 1
+        try:
+            yield
+        finally:
+            self.arriving_now -= 1
 
     def health(self) -> EngineStats:
         return EngineStats(

@@ -258,6 +258,8 @@ def test_rpm_n_plus_one_requests_get_exactly_one_429(url, database, engine):
     )
     assert remaining == list(range(n))
     assert len(engine.requests) == n and len(ledger_rows(database)) == n
+    # every request was announced to the engine while it was admitted, the refused one too, and none still is
+    assert (engine.arrivals, engine.arriving_now) == (n + 1, 0)
     with pytest.raises(openai.RateLimitError) as e:
         sdk(url, secret).completions.create(model=MODEL, prompt="x", max_tokens=1)
     assert e.value.body["code"] == "rate_limit_exceeded"
