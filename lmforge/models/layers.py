@@ -177,6 +177,12 @@ def packed_weights(fused_kernels: bool = False) -> Iterator[None]:
         _runtime.packed, _runtime.kernels = before
 
 
+def _use_kernels() -> bool:
+    """The fused C kernels apply: inside packed_weights(fused_kernels=True) where they load, and with autograd off
+    (they write outputs that autograd cannot see). Each layer then checks only its tensors' shapes."""
+    return _runtime.kernels and not torch.is_grad_enabled()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -185,7 +191,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused op; same values as the spelled-out form below
-            if _runtime.kernels and not torch.is_grad_enabled() and kernels.fits_rows(x, self.weight):
+            if _use_kernels() and kernels.fits_rows(x, self.weight):
                 return kernels.rms_norm(x, self.weight, self.eps)  # one pass instead of six ops
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 whatever the model dtype, as Llama does.
@@ -268,7 +274,7 @@ class Attention(nn.Module):
         if self._qkv is not None and self._qkv.applies(x, (self.q_proj, self.k_proj, self.v_proj)):
             qkv = self._qkv(x).view(*lead, nh + 2 * nkv, hs)
             qk, v = qkv[..., : nh + nkv, :], qkv[..., nh + nkv :, :]
-            if rope is not None and _runtime.kernels and x.dim() == 2 and hs % 16 == 0:
+            if rope is not None and _use_kernels() and x.dim() == 2 and hs % 16 == 0:
                 qk = kernels.rope_(qk, *rope)  # in place: qkv is this step's own product
             elif rope is not None:  # q and k side by side: one rotation
                 qk = apply_rope(qk, *rope)
@@ -354,8 +360,7 @@ class Attention(nn.Module):
         nkv, g = self.n_kv_head, self.n_head // self.n_kv_head
         self._check_window(batch)
         if (
-            _runtime.kernels
-            and not torch.is_grad_enabled()
+            _use_kernels()
             and kernels.fits(q, k, v, k_dense, v_dense)
             and q.stride(1) == k.stride(1) == v.stride(1) == hs
             and (y is None or y.is_contiguous())
@@ -396,24 +401,19 @@ class Attention(nn.Module):
             qg = q.view(self.n_kv_head, g, self.head_dim)
             att = torch.softmax((qg @ k.transpose(1, 2)) * self.head_dim**-0.5, dim=-1)  # (nkv, g, L)
             return (att @ v).reshape(1, self.n_head, self.head_dim)
-        mask = seq.mask(self.sliding_window, q.dtype)  # None: no cached prefix, the plain causal kernel
-        if (
-            q.device.type != "cpu"
-        ):  # the k/v heads expanded, as before: the layout below was measured on the CPU,
-            # and CUDA's memory-efficient kernel has mishandled masked bf16 attention on stride-0 k/v (pytorch#191937)
-            if g > 1:
-                k, v = k.repeat_interleave(g, dim=0), v.repeat_interleave(g, dim=0)
-            y = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=mask is None
-            )[0]  # (nh, t, hs)
-            return y.transpose(0, 1)
         # The g query heads of each kv head in SDPA's batch axis, (g, nkv, t, hs), against the kv heads broadcast
         # over it (a stride-0 expand): SDPA's CPU flash kernel does not take enable_gqa (its math path is 2x
         # slower), and this spares the repeat_interleave copies of the keys and values that it would need (the
         # attention 1.05-2.1x faster with a cached prefix, bench/RESULTS.md).
         qg = q.view(t, self.n_kv_head, g, self.head_dim).permute(2, 1, 0, 3)
+        k, v = k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1)
+        # Elsewhere copied, as repeat_interleave did: the broadcast was measured on the CPU only, and CUDA's
+        # memory-efficient kernel has mishandled masked bf16 attention on stride-0 k/v (pytorch#191937).
+        if q.device.type != "cpu":
+            k, v = k.contiguous(), v.contiguous()
+        mask = seq.mask(self.sliding_window, q.dtype)  # None: no cached prefix, the plain causal kernel
         y = F.scaled_dot_product_attention(
-            qg, k.expand(g, -1, -1, -1), v.expand(g, -1, -1, -1), attn_mask=mask, is_causal=mask is None
+            qg, k, v, attn_mask=mask, is_causal=mask is None
         )  # (g, nkv, t, hs)
         return y.permute(2, 1, 0, 3).reshape(t, self.n_head, self.head_dim)
 
@@ -454,7 +454,7 @@ class MLP(nn.Module):
         if self._gate_up is not None and self._gate_up.applies(x, (self.gate_proj, self.up_proj)):
             gate_up = self._gate_up(x)
             if (
-                _runtime.kernels
+                _use_kernels()
                 and self.act is F.silu
                 and gate_up.shape[-1] % 16 == 0
                 and gate_up.is_contiguous()

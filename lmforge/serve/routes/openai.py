@@ -232,7 +232,7 @@ async def _completion_prompts(
     return [list(ids) for ids in prompts]  # type: ignore[arg-type]
 
 
-async def _chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+async def _chat_prompts(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
     def render() -> list[int]:
         text = tokenizer.apply_chat_template(body.message_dicts(), add_generation_prompt=True)
         return tokenizer.encode(text)  # no add_bos: the template writes BOS where the model wants one
@@ -245,7 +245,7 @@ async def _chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer) -> lis
         )
         <= INLINE_PROMPT_BYTES
     )  # list contents and extra fields (tool calls) counted as their repr: more, not less
-    return await _off_loop(inline, render)
+    return [await _off_loop(inline, render)]
 
 
 async def _off_loop(inline: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -256,18 +256,33 @@ async def _off_loop(inline: bool, fn: Callable[..., T], *args: Any, **kwargs: An
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-async def _admit(state: ServerState, choices: list[Choice], meter: Meter | None) -> None:
-    """The engine's own capacity check (a full queue refuses the request without spending the key's rate limit),
-    then the ledger's admit for a metered request."""
-    state.admit(len(choices))
-    if meter is not None:
-        await meter.admit()
+async def _prepare(
+    request: Request,
+    state: ServerState,
+    key: ApiKey | None,
+    body: CompletionRequest | ChatCompletionRequest,
+    render: Awaitable[list[list[int]]],
+    what: str,
+    lora: str | None,
+) -> tuple[list[Choice], _Tally, Meter | None]:
+    """Render the prompts (`render`), plan the engine requests and admit them: the engine's own capacity check (a
+    full queue refuses the request without spending the key's rate limit), then the ledger's admit for a metered
+    request. All the while the request is `arriving()`: an idle engine waits for it (see docs/engine.md)."""
+    with state.engine.arriving():
+        prompts = await render
+        choices = _plan(state, body, prompts, what, salt=_salt(key), lora=lora)
+        tally = _Tally(body.num_choices, len(choices))
+        meter = _meter(request, state, key, body.model, choices, tally)
+        state.admit(len(choices))
+        if meter is not None:
+            await meter.admit()
+    return choices, tally, meter
 
 
 async def _start(
     state: ServerState, choices: list[Choice], meter: Meter | None = None
 ) -> tuple[ChoiceDelta | None, AsyncIterator[ChoiceDelta]]:
-    """Send the admitted (`_admit`) engine requests and wait for the first delta, so early engine errors get their
+    """Send the admitted (`_prepare`) engine requests and wait for the first delta, so early engine errors get their
     HTTP status; if the engine refuses a metered request, its ledger row is settled as failed."""
     arrival = time.perf_counter()
     deltas = merge([stream_choice(state.engine, state.tokenizer, c, state.metrics, arrival) for c in choices])
@@ -601,12 +616,8 @@ async def create_completion(
     lora = _check_model(state, body.model)
     if key is not None:
         check_model(key, body.model)
-    with state.engine.arriving():  # until it is admitted: an idle engine waits for it (see docs/engine.md)
-        prompts = await _completion_prompts(body.prompt, state)
-        choices = _plan(state, body, prompts, "prompt", salt=_salt(key), lora=lora)
-        tally = _Tally(body.num_choices, len(choices))
-        meter = _meter(request, state, key, body.model, choices, tally)
-        await _admit(state, choices, meter)
+    render = _completion_prompts(body.prompt, state)
+    choices, tally, meter = await _prepare(request, state, key, body, render, "prompt", lora)
     first, deltas = await _start(state, choices, meter)
     response_id, created = choices[0].request_id.rsplit("-", 1)[0], int(time.time())
     want_logprobs = choices[0].params.logprobs is not None
@@ -680,12 +691,8 @@ async def create_chat_completion(
     lora = _check_model(state, body.model)
     if key is not None:
         check_model(key, body.model)
-    with state.engine.arriving():  # until it is admitted: an idle engine waits for it (see docs/engine.md)
-        prompt = await _chat_prompt(body, state.tokenizer)
-        choices = _plan(state, body, [prompt], "messages", salt=_salt(key), lora=lora)
-        tally = _Tally(body.num_choices, len(choices))
-        meter = _meter(request, state, key, body.model, choices, tally)
-        await _admit(state, choices, meter)
+    render = _chat_prompts(body, state.tokenizer)
+    choices, tally, meter = await _prepare(request, state, key, body, render, "messages", lora)
     first, deltas = await _start(state, choices, meter)
     response_id, created = choices[0].request_id.rsplit("-", 1)[0], int(time.time())
     want_logprobs = choices[0].params.logprobs is not None
